@@ -1,0 +1,343 @@
+//! `FusedMoe`: routing, optional shared experts and the routed experts
+//! through the modular kernel; `SparseMoeBlock` adds the gate linear and is a
+//! `candle_nn::Module`.
+
+use crate::error::{MoeError, Result};
+use crate::expert_map::{EpConfig, ExpertMapManager};
+use crate::modular::{
+    ExpertTokensMetadata, FusedMoeKernel, LocalPrepareAndFinalize, PrepareAndFinalize,
+};
+use crate::ops::{Activation, ScoringFunc};
+use crate::quant::{ExpertLayerSpec, QuantMethod, Unquantized};
+use crate::router::{Router, RouterConfig};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use std::sync::Arc;
+
+/// Everything a fused MoE layer needs to know (not tied to one checkpoint
+/// format: model loaders map their config.json onto it).
+#[derive(Clone, Debug)]
+pub struct FusedMoeConfig {
+    pub hidden_size: usize,
+    /// Per-expert intermediate size (HF `moe_intermediate_size`).
+    pub intermediate_size: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// HF `norm_topk_prob`.
+    pub renormalize: bool,
+    pub scoring: ScoringFunc,
+    pub num_expert_group: Option<usize>,
+    pub topk_group: Option<usize>,
+    /// Load `e_score_correction_bias` `[E]` (selection-only bias).
+    pub use_correction_bias: bool,
+    pub routed_scaling_factor: f64,
+    pub activation: Activation,
+    /// Experts have biases.
+    pub has_bias: bool,
+    /// Qwen2-MoE style shared expert of this intermediate size...
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// ...gated by `sigmoid(shared_expert_gate(x))`.
+    pub shared_expert_gate: bool,
+    pub ep: EpConfig,
+}
+
+impl FusedMoeConfig {
+    pub fn new(
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_experts: usize,
+        top_k: usize,
+    ) -> Self {
+        Self {
+            hidden_size,
+            intermediate_size,
+            num_experts,
+            top_k,
+            renormalize: false,
+            scoring: ScoringFunc::Softmax,
+            num_expert_group: None,
+            topk_group: None,
+            use_correction_bias: false,
+            routed_scaling_factor: 1.0,
+            activation: Activation::Silu,
+            has_bias: false,
+            shared_expert_intermediate_size: None,
+            shared_expert_gate: true,
+            ep: EpConfig::default(),
+        }
+    }
+
+    fn router_config(&self) -> RouterConfig {
+        RouterConfig {
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+            renormalize: self.renormalize,
+            scoring: self.scoring,
+            num_expert_group: self.num_expert_group,
+            topk_group: self.topk_group,
+            routed_scaling_factor: self.routed_scaling_factor,
+        }
+    }
+
+    fn expert_spec(&self) -> ExpertLayerSpec {
+        ExpertLayerSpec {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            global_num_experts: self.num_experts,
+            has_bias: self.has_bias,
+            activation: self.activation,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.hidden_size == 0 || self.intermediate_size == 0 {
+            return Err(MoeError::config(
+                "hidden_size and intermediate_size must be positive",
+            ));
+        }
+        self.router_config().validate()
+    }
+}
+
+/// A dense gated MLP (`gate_proj`, `up_proj`, `down_proj`) shared by all tokens.
+#[derive(Clone, Debug)]
+pub struct SharedExperts {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    activation: Activation,
+    /// `shared_expert_gate` (`[1, H]`): output scaled by its sigmoid.
+    gate: Option<Linear>,
+}
+
+impl SharedExperts {
+    /// `vb` is the MoE block's prefix: weights under `shared_expert.*` and
+    /// `shared_expert_gate.weight`, as in Qwen2-MoE checkpoints.
+    pub fn new(
+        hidden: usize,
+        intermediate: usize,
+        activation: Activation,
+        gated: bool,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let s = vb.pp("shared_expert");
+        let lin = |i, o, name: &str| {
+            linear_no_bias(i, o, s.pp(name)).map_err(|e| {
+                MoeError::weight(format!("{}.{name}.weight", s.prefix()), e.to_string())
+            })
+        };
+        let gate = if gated {
+            Some(
+                linear_no_bias(hidden, 1, vb.pp("shared_expert_gate")).map_err(|e| {
+                    MoeError::weight(
+                        format!("{}.shared_expert_gate.weight", vb.prefix()),
+                        e.to_string(),
+                    )
+                })?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            gate_proj: lin(hidden, intermediate, "gate_proj")?,
+            up_proj: lin(hidden, intermediate, "up_proj")?,
+            down_proj: lin(intermediate, hidden, "down_proj")?,
+            activation,
+            gate,
+        })
+    }
+}
+
+impl Module for SharedExperts {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let g = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::Gelu => g.gelu_erf()?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        let y = self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)?;
+        match &self.gate {
+            None => Ok(y),
+            Some(gate) => y.broadcast_mul(&candle_nn::ops::sigmoid(&gate.forward(x)?)?),
+        }
+    }
+}
+
+/// The fused MoE layer.
+#[derive(Clone, Debug)]
+pub struct FusedMoe {
+    cfg: FusedMoeConfig,
+    router: Router,
+    expert_map: ExpertMapManager,
+    quant: Arc<dyn QuantMethod>,
+    kernel: FusedMoeKernel,
+    shared: Option<SharedExperts>,
+}
+
+impl FusedMoe {
+    /// Unquantized experts from `vb` (the MoE block prefix, e.g.
+    /// `model.layers.3.mlp`): `experts.{e}.{gate,up,down}_proj.weight` or the
+    /// fused `experts.gate_up_proj` / `experts.down_proj`.
+    pub fn new(cfg: &FusedMoeConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_quant(
+            cfg,
+            vb,
+            Arc::new(Unquantized),
+            Arc::new(LocalPrepareAndFinalize),
+        )
+    }
+
+    pub fn with_quant(
+        cfg: &FusedMoeConfig,
+        vb: VarBuilder,
+        quant: Arc<dyn QuantMethod>,
+        prepare_finalize: Arc<dyn PrepareAndFinalize>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let expert_map =
+            ExpertMapManager::new(cfg.num_experts, cfg.top_k, cfg.ep.clone(), vb.device())?;
+        let bias = if cfg.use_correction_bias {
+            let b = vb
+                .get_with_hints_dtype(
+                    cfg.num_experts,
+                    "e_score_correction_bias",
+                    Default::default(),
+                    DType::F32,
+                )
+                .map_err(|e| {
+                    MoeError::weight(
+                        format!("{}.e_score_correction_bias", vb.prefix()),
+                        e.to_string(),
+                    )
+                })?;
+            Some(b)
+        } else {
+            None
+        };
+        let router = Router::new(cfg.router_config(), bias)?;
+        let experts = quant.create_experts(
+            &cfg.expert_spec(),
+            &vb.pp("experts"),
+            &expert_map.local_expert_ids(),
+        )?;
+        let kernel = quant.build_kernel(experts, prepare_finalize)?;
+        let shared = match cfg.shared_expert_intermediate_size {
+            Some(i) => Some(SharedExperts::new(
+                cfg.hidden_size,
+                i,
+                cfg.activation,
+                cfg.shared_expert_gate,
+                &vb,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            router,
+            expert_map,
+            quant,
+            kernel,
+            shared,
+        })
+    }
+
+    pub fn config(&self) -> &FusedMoeConfig {
+        &self.cfg
+    }
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+    pub fn expert_map_manager(&self) -> &ExpertMapManager {
+        &self.expert_map
+    }
+    pub fn kernel(&self) -> &FusedMoeKernel {
+        &self.kernel
+    }
+    pub fn quant_method(&self) -> &Arc<dyn QuantMethod> {
+        &self.quant
+    }
+
+    /// `hidden` `[T, H]` or `[B, S, H]`, `router_logits` `[T, E]` or
+    /// `[B, S, E]`; returns the shape of `hidden`.
+    pub fn forward(&self, hidden: &Tensor, router_logits: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_metadata(hidden, router_logits)?.0)
+    }
+
+    /// As `forward`, also returning the per-local-expert token counts.
+    pub fn forward_with_metadata(
+        &self,
+        hidden: &Tensor,
+        router_logits: &Tensor,
+    ) -> Result<(Tensor, Option<ExpertTokensMetadata>)> {
+        let dims = hidden.dims().to_vec();
+        let h = *dims
+            .last()
+            .ok_or_else(|| MoeError::input("hidden states must not be a scalar"))?;
+        if h != self.cfg.hidden_size || !(2..=3).contains(&dims.len()) {
+            return Err(MoeError::input(format!(
+                "hidden states must be [T, {0}] or [B, S, {0}], got {dims:?}",
+                self.cfg.hidden_size
+            )));
+        }
+        let t = hidden.elem_count() / h;
+        let e = self.cfg.num_experts;
+        if router_logits.elem_count() != t * e || router_logits.dims().last() != Some(&e) {
+            return Err(MoeError::input(format!(
+                "router logits {:?} do not match {t} tokens × {e} experts",
+                router_logits.dims()
+            )));
+        }
+        if t == 0 {
+            return Ok((hidden.zeros_like()?, None));
+        }
+        let x = hidden.reshape((t, h))?;
+        let logits = router_logits.reshape((t, e))?;
+        let (weights, ids) = self.router.route(&logits)?;
+        let (mut y, meta) = self.kernel.forward_with_metadata(
+            &x,
+            &weights,
+            &ids,
+            self.cfg.num_experts,
+            self.expert_map.expert_map(),
+        )?;
+        if let Some(shared) = &self.shared {
+            y = (y + shared.forward(&x)?)?;
+        }
+        Ok((y.reshape(dims)?, meta))
+    }
+}
+
+/// Gate linear + [`FusedMoe`]: the MoE MLP of a decoder layer, names as in HF
+/// (`gate`, `experts`, `shared_expert`, `shared_expert_gate`).
+#[derive(Clone, Debug)]
+pub struct SparseMoeBlock {
+    gate: Linear,
+    moe: FusedMoe,
+}
+
+impl SparseMoeBlock {
+    pub fn new(cfg: &FusedMoeConfig, vb: VarBuilder) -> Result<Self> {
+        let gate = linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))
+            .map_err(|e| MoeError::weight(format!("{}.gate.weight", vb.prefix()), e.to_string()))?;
+        Ok(Self {
+            gate,
+            moe: FusedMoe::new(cfg, vb)?,
+        })
+    }
+
+    pub fn from_parts(gate: Linear, moe: FusedMoe) -> Self {
+        Self { gate, moe }
+    }
+
+    pub fn moe(&self) -> &FusedMoe {
+        &self.moe
+    }
+}
+
+impl Module for SparseMoeBlock {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = self.gate.forward(xs)?;
+        Ok(self.moe.forward(xs, &logits)?)
+    }
+}

@@ -1,0 +1,192 @@
+//! The expert compute of the modular kernel.
+
+use super::metadata::ExpertTokensMetadata;
+use super::prepare_finalize::ActivationFormat;
+use super::weight_reduce::TopKWeightAndReduce;
+use crate::ops::{act_and_mul, grouped_gemm, moe_align_block_size, Activation, GroupedGemmArgs};
+use candle_core::{bail, Result, Tensor};
+
+/// Sizes of one forward: `E` local experts, `M` tokens, `N` = 2·intermediate
+/// (the w13 rows), `K` = hidden, `top_k`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProblemSize {
+    pub num_experts: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub top_k: usize,
+}
+
+/// Shapes of the scratch buffers and of the output of `apply`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkspaceShapes {
+    /// First GEMM output (reused for the second GEMM's output).
+    pub workspace13: Vec<usize>,
+    /// Activation output.
+    pub workspace2: Vec<usize>,
+    pub output: Vec<usize>,
+}
+
+/// Everything `apply` may use. An implementation that cannot use the expert
+/// map just ignores it.
+pub struct ExpertApplyArgs<'a> {
+    pub hidden_states: &'a Tensor,
+    pub a1q_scale: Option<&'a Tensor>,
+    pub topk_weights: &'a Tensor,
+    pub topk_ids: &'a Tensor,
+    pub global_num_experts: usize,
+    pub expert_map: Option<&'a Tensor>,
+    pub expert_tokens_meta: Option<&'a ExpertTokensMetadata>,
+}
+
+/// What `apply` returns: the expert output (shape per
+/// [`Experts::finalize_weight_and_reduce`]) and the token counts it used.
+pub struct ExpertsOutput {
+    pub output: Tensor,
+    pub expert_tokens_meta: Option<ExpertTokensMetadata>,
+}
+
+pub trait Experts: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    fn activation_format(&self) -> ActivationFormat;
+    fn local_num_experts(&self) -> usize;
+    fn problem_size(&self, a1: &Tensor, topk_ids: &Tensor) -> Result<ProblemSize>;
+    fn workspace_shapes(
+        &self,
+        p: &ProblemSize,
+        meta: Option<&ExpertTokensMetadata>,
+    ) -> WorkspaceShapes;
+    /// The reduction `finalize` must apply to the output of `apply`.
+    fn finalize_weight_and_reduce(&self) -> TopKWeightAndReduce;
+    fn apply(&self, args: &ExpertApplyArgs<'_>) -> Result<ExpertsOutput>;
+}
+
+/// Unquantized experts: align by expert → grouped GEMM (w13) → act·mul →
+/// grouped GEMM (w2). Output `[T, k, H]` f32, reduced contiguously.
+#[derive(Clone, Debug)]
+pub struct GroupedGemmExperts {
+    /// `[E_local, 2I, H]`: gate rows, then up rows.
+    pub w13: Tensor,
+    /// `[E_local, H, I]`.
+    pub w2: Tensor,
+    pub w13_bias: Option<Tensor>,
+    pub w2_bias: Option<Tensor>,
+    pub activation: Activation,
+}
+
+impl GroupedGemmExperts {
+    pub fn new(
+        w13: Tensor,
+        w2: Tensor,
+        w13_bias: Option<Tensor>,
+        w2_bias: Option<Tensor>,
+        activation: Activation,
+    ) -> Result<Self> {
+        let (e, n2, h) = w13.dims3()?;
+        let (e2, h2, i) = w2.dims3()?;
+        if e != e2 || h != h2 || n2 != 2 * i {
+            bail!(
+                "expert weights disagree: w13 {:?}, w2 {:?}",
+                w13.dims(),
+                w2.dims()
+            )
+        }
+        Ok(Self {
+            w13,
+            w2,
+            w13_bias,
+            w2_bias,
+            activation,
+        })
+    }
+
+    /// Rows per align block. The CPU GEMM merges the blocks of an expert, so
+    /// a small block only bounds padding.
+    fn block_size(&self) -> usize {
+        16
+    }
+}
+
+impl Experts for GroupedGemmExperts {
+    fn name(&self) -> &'static str {
+        "grouped-gemm"
+    }
+    fn activation_format(&self) -> ActivationFormat {
+        ActivationFormat::Standard
+    }
+    fn local_num_experts(&self) -> usize {
+        self.w13.dims()[0]
+    }
+    fn problem_size(&self, a1: &Tensor, topk_ids: &Tensor) -> Result<ProblemSize> {
+        let (m, k) = a1.dims2()?;
+        let (mi, top_k) = topk_ids.dims2()?;
+        if mi != m {
+            bail!("{m} tokens but {mi} rows of topk ids")
+        }
+        let (e, n, kw) = self.w13.dims3()?;
+        if kw != k {
+            bail!("hidden size {k} does not match the experts' {kw}")
+        }
+        Ok(ProblemSize {
+            num_experts: e,
+            m,
+            n,
+            k,
+            top_k,
+        })
+    }
+    fn workspace_shapes(
+        &self,
+        p: &ProblemSize,
+        _meta: Option<&ExpertTokensMetadata>,
+    ) -> WorkspaceShapes {
+        let rows = p.m * p.top_k;
+        WorkspaceShapes {
+            workspace13: vec![rows, p.n.max(p.k)],
+            workspace2: vec![rows, p.n / 2],
+            output: vec![p.m, p.top_k, p.k],
+        }
+    }
+    fn finalize_weight_and_reduce(&self) -> TopKWeightAndReduce {
+        TopKWeightAndReduce::Contiguous
+    }
+    fn apply(&self, args: &ExpertApplyArgs<'_>) -> Result<ExpertsOutput> {
+        let p = self.problem_size(args.hidden_states, args.topk_ids)?;
+        let routing = moe_align_block_size(
+            args.topk_ids,
+            self.block_size(),
+            args.global_num_experts,
+            p.num_experts,
+            args.expert_map,
+        )?;
+        let meta = match args.expert_tokens_meta {
+            Some(m) => m.clone(),
+            None => ExpertTokensMetadata::from_device(routing.expert_num_tokens.clone())?,
+        };
+        let c1 = grouped_gemm(
+            args.hidden_states,
+            &self.w13,
+            &routing,
+            GroupedGemmArgs {
+                row_div: p.top_k,
+                bias: self.w13_bias.clone(),
+                topk_weights: None,
+            },
+        )?;
+        let c2 = act_and_mul(&c1, self.activation)?;
+        let c3 = grouped_gemm(
+            &c2,
+            &self.w2,
+            &routing,
+            GroupedGemmArgs {
+                row_div: 1,
+                bias: self.w2_bias.clone(),
+                topk_weights: None,
+            },
+        )?;
+        Ok(ExpertsOutput {
+            output: c3.reshape((p.m, p.top_k, p.k))?,
+            expert_tokens_meta: Some(meta),
+        })
+    }
+}

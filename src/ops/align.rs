@@ -1,0 +1,230 @@
+//! `moe_align_block_size`: sort the (token, slot) pairs by expert and pad each
+//! expert's run to a multiple of the block size, so a grouped GEMM can walk
+//! blocks that each belong to one expert (vLLM semantics).
+//!
+//! The op writes one U32 buffer; [`AlignedRouting`] holds views into it:
+//! `sorted_token_ids` (padding = `numel`), `expert_ids` per block (local id, or
+//! -1 stored as `u32::MAX` for experts another rank owns), the padded token
+//! count, and the token count of every local expert (the data behind
+//! `ExpertTokensMetadata`).
+
+use super::contiguous;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// `expert_ids` entry for a block whose expert lives on another rank.
+pub const NON_LOCAL_EXPERT: u32 = u32::MAX;
+
+/// Sizes of the sections of the align buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlignLayout {
+    pub block_size: usize,
+    pub num_experts: usize,
+    pub num_local_experts: usize,
+    /// Number of (token, slot) pairs, `T · top_k`; also the padding sentinel.
+    pub numel: usize,
+    pub max_num_tokens_padded: usize,
+    pub max_num_blocks: usize,
+}
+
+impl AlignLayout {
+    pub fn new(
+        numel: usize,
+        block_size: usize,
+        num_experts: usize,
+        num_local_experts: usize,
+    ) -> Self {
+        let mut max_padded = numel + num_experts * (block_size - 1);
+        if numel < num_experts {
+            // at most `numel` experts are used, each padded to one block at most
+            max_padded = max_padded.min(numel * block_size);
+        }
+        Self {
+            block_size,
+            num_experts,
+            num_local_experts,
+            numel,
+            max_num_tokens_padded: max_padded,
+            max_num_blocks: max_padded.div_ceil(block_size),
+        }
+    }
+    pub fn expert_ids_offset(&self) -> usize {
+        self.max_num_tokens_padded
+    }
+    pub fn post_pad_offset(&self) -> usize {
+        self.expert_ids_offset() + self.max_num_blocks
+    }
+    pub fn counts_offset(&self) -> usize {
+        self.post_pad_offset() + 1
+    }
+    pub fn len(&self) -> usize {
+        self.counts_offset() + self.num_local_experts
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The align op: input top-k ids `[T, k]` (U32), optional expert map `[E]` (I32).
+#[derive(Clone, Debug)]
+pub struct MoeAlign {
+    pub layout: AlignLayout,
+}
+
+impl MoeAlign {
+    fn run(&self, ids: &[u32], map: Option<&[i32]>) -> Result<Vec<u32>> {
+        let l = &self.layout;
+        let (bs, e) = (l.block_size, l.num_experts);
+        let mut counts = vec![0usize; e];
+        for &id in ids {
+            match counts.get_mut(id as usize) {
+                Some(c) => *c += 1,
+                None => bail!("topk id {id} out of range for {e} experts"),
+            }
+        }
+        let mut out = vec![0u32; l.len()];
+        let (sorted, rest) = out.split_at_mut(l.max_num_tokens_padded);
+        let (expert_ids, rest) = rest.split_at_mut(l.max_num_blocks);
+        let (post_pad, local_counts) = rest.split_at_mut(1);
+        sorted.fill(l.numel as u32);
+        expert_ids.fill(NON_LOCAL_EXPERT);
+        let mut starts = vec![0usize; e + 1];
+        for x in 0..e {
+            starts[x + 1] = starts[x] + counts[x].div_ceil(bs) * bs;
+        }
+        post_pad[0] = starts[e] as u32;
+        for x in 0..e {
+            let local = match map {
+                None => Some(x),
+                Some(m) => usize::try_from(m[x]).ok(),
+            };
+            let tag = match local {
+                Some(lx) => {
+                    if lx >= l.num_local_experts {
+                        bail!("expert map sends expert {x} to local {lx}, but there are {} local experts", l.num_local_experts)
+                    }
+                    local_counts[lx] = counts[x] as u32;
+                    lx as u32
+                }
+                None => NON_LOCAL_EXPERT,
+            };
+            expert_ids[starts[x] / bs..starts[x + 1] / bs].fill(tag);
+        }
+        let mut pos = starts;
+        for (i, &id) in ids.iter().enumerate() {
+            let p = &mut pos[id as usize];
+            sorted[*p] = i as u32;
+            *p += 1;
+        }
+        Ok(out)
+    }
+
+    fn check_ids(&self, l: &Layout) -> Result<()> {
+        if l.shape().elem_count() != self.layout.numel {
+            bail!(
+                "align: expected {} topk ids, got shape {:?}",
+                self.layout.numel,
+                l.shape()
+            )
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for MoeAlign {
+    fn name(&self) -> &'static str {
+        "moe-align-block-size"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.check_ids(l)?;
+        let ids = contiguous::<u32>(s, l, "topk ids")?;
+        let out = self.run(ids, None)?;
+        let n = out.len();
+        Ok((CpuStorage::U32(out), Shape::from(n)))
+    }
+}
+
+impl CustomOp2 for MoeAlign {
+    fn name(&self) -> &'static str {
+        "moe-align-block-size-mapped"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        sm: &CpuStorage,
+        lm: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check_ids(l)?;
+        if lm.shape().dims() != [self.layout.num_experts] {
+            bail!(
+                "expert map must be [{}], got {:?}",
+                self.layout.num_experts,
+                lm.shape().dims()
+            )
+        }
+        let ids = contiguous::<u32>(s, l, "topk ids")?;
+        let map = contiguous::<i32>(sm, lm, "expert map")?;
+        let out = self.run(ids, Some(map))?;
+        let n = out.len();
+        Ok((CpuStorage::U32(out), Shape::from(n)))
+    }
+}
+
+/// Result of [`moe_align_block_size`]: views into one device buffer.
+#[derive(Clone, Debug)]
+pub struct AlignedRouting {
+    pub layout: AlignLayout,
+    pub top_k: usize,
+    /// The whole buffer (what the grouped GEMM reads).
+    pub buffer: Tensor,
+    pub sorted_token_ids: Tensor,
+    /// Local expert per block; `u32::MAX` (-1) for non-local experts.
+    pub expert_ids: Tensor,
+    /// `[1]`: number of valid entries of `sorted_token_ids`.
+    pub num_tokens_post_padded: Tensor,
+    /// `[E_local]`: routed (token, slot) pairs per local expert.
+    pub expert_num_tokens: Tensor,
+}
+
+/// Sorts `topk_ids` (`[T, k]`, U32) by expert; `expert_map` (`[E]`, I32) maps
+/// global to local ids (-1 = not on this rank).
+pub fn moe_align_block_size(
+    topk_ids: &Tensor,
+    block_size: usize,
+    num_experts: usize,
+    num_local_experts: usize,
+    expert_map: Option<&Tensor>,
+) -> Result<AlignedRouting> {
+    if block_size == 0 {
+        bail!("block_size must be positive")
+    }
+    if topk_ids.dtype() != DType::U32 {
+        bail!("topk ids must be u32, got {:?}", topk_ids.dtype())
+    }
+    let (_, top_k) = topk_ids.dims2()?;
+    let layout = AlignLayout::new(
+        topk_ids.elem_count(),
+        block_size,
+        num_experts,
+        num_local_experts,
+    );
+    let op = MoeAlign { layout };
+    let buffer = match expert_map {
+        None => topk_ids.apply_op1_no_bwd(&op)?,
+        Some(m) => {
+            if m.dtype() != DType::I32 {
+                bail!("expert map must be i32, got {:?}", m.dtype())
+            }
+            topk_ids.apply_op2_no_bwd(m, &op)?
+        }
+    };
+    Ok(AlignedRouting {
+        layout,
+        top_k,
+        sorted_token_ids: buffer.narrow(0, 0, layout.max_num_tokens_padded)?,
+        expert_ids: buffer.narrow(0, layout.expert_ids_offset(), layout.max_num_blocks)?,
+        num_tokens_post_padded: buffer.narrow(0, layout.post_pad_offset(), 1)?,
+        expert_num_tokens: buffer.narrow(0, layout.counts_offset(), num_local_experts)?,
+        buffer,
+    })
+}

@@ -1,0 +1,378 @@
+//! CPU GEMM engine behind the grouped expert GEMM: `C[r, n] = Σ_k A[r, k] · W[n, k]`
+//! for a gathered set of f32 activation rows and one expert's weight matrix
+//! stored row-major `[N, K]` in f32, bf16 or f16.
+//!
+//! Two kernels, both reading the weights in their stored form:
+//! - *skinny* (≤ 3 rows, decode): dot products of 4 weight rows at a time
+//!   against each activation row, widening the weights in registers; reads
+//!   every weight byte once, which is what a memory-bound step needs.
+//! - *packed* (more rows): a 16-column strip of W is widened and transposed
+//!   into an L1-sized panel, then a 6×16 register-blocked FMA kernel runs over
+//!   groups of 6 rows (the classic BLIS shape).
+//!
+//! AVX2+FMA+F16C is detected at run time; other CPUs use portable loops.
+
+use half::{bf16, f16};
+
+/// A weight element the kernels can widen to f32.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Eight consecutive elements widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable elements and the CPU must have AVX2+FMA+F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+}
+
+impl WeightElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+/// Rows handled by the skinny kernel at most.
+pub const SKINNY_MAX_ROWS: usize = 3;
+const MR: usize = 6;
+const NR: usize = 16;
+/// K block of the packed kernel: a 16 × 256 f32 panel is 16 KiB (half an L1).
+const KC: usize = 256;
+
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One tile of work: rows `a` (each K long) times `w[n0..n1]ᵀ`, written to
+/// `c[i] + (0..n1-n0)`. `c` rows must be distinct and not alias `a` or `w`.
+pub struct Tile<'a, W> {
+    pub a: &'a [*const f32],
+    pub w: &'a [W],
+    pub k: usize,
+    pub n0: usize,
+    pub n1: usize,
+    pub c: &'a [*mut f32],
+}
+
+/// Computes the tile (overwriting `c`).
+///
+/// # Safety
+/// Every `a` pointer addresses `k` readable f32, every `c` pointer `n1 - n0`
+/// writable f32 that no other thread touches, and `w` holds rows `n0..n1`.
+pub unsafe fn gemm_tile<W: WeightElem>(t: &Tile<'_, W>) {
+    debug_assert!(t.w.len() >= t.n1 * t.k);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        if t.a.len() <= SKINNY_MAX_ROWS {
+            return avx2::skinny(t);
+        }
+        return avx2::packed(t);
+    }
+    portable(t)
+}
+
+unsafe fn portable<W: WeightElem>(t: &Tile<'_, W>) {
+    for n in t.n0..t.n1 {
+        let wr = &t.w[n * t.k..(n + 1) * t.k];
+        for (&a, &c) in t.a.iter().zip(t.c) {
+            let a = std::slice::from_raw_parts(a, t.k);
+            let mut acc = 0f32;
+            for (x, y) in a.iter().zip(wr) {
+                acc += x * y.to_f32();
+            }
+            *c.add(n - t.n0) = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Dot products of `NW` weight rows with `M` activation rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn skinny_block<W: WeightElem, const M: usize, const NW: usize>(
+        a: &[*const f32],
+        w: &[W],
+        k: usize,
+        n: usize,
+        out: &mut [[f32; NW]; M],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); NW]; M];
+        let wp: [*const W; NW] = std::array::from_fn(|j| w.as_ptr().add((n + j) * k));
+        let k8 = k & !7;
+        let k32 = k & !31;
+        // 32 elements per row per step: a whole cache line of bf16 per row in flight
+        let mut kk = 0;
+        while kk < k32 {
+            for u in 0..4 {
+                let q = kk + 8 * u;
+                let wv: [__m256; NW] = std::array::from_fn(|j| W::load8(wp[j].add(q)));
+                for m in 0..M {
+                    let av = _mm256_loadu_ps(a[m].add(q));
+                    for j in 0..NW {
+                        acc[m][j] = _mm256_fmadd_ps(wv[j], av, acc[m][j]);
+                    }
+                }
+            }
+            kk += 32;
+        }
+        while kk < k8 {
+            let wv: [__m256; NW] = std::array::from_fn(|j| W::load8(wp[j].add(kk)));
+            for m in 0..M {
+                let av = _mm256_loadu_ps(a[m].add(kk));
+                for j in 0..NW {
+                    acc[m][j] = _mm256_fmadd_ps(wv[j], av, acc[m][j]);
+                }
+            }
+            kk += 8;
+        }
+        for m in 0..M {
+            for j in 0..NW {
+                let mut s = hsum(acc[m][j]);
+                for q in k8..k {
+                    s += *a[m].add(q) * (*wp[j].add(q)).to_f32();
+                }
+                out[m][j] = s;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn skinny_m<W: WeightElem, const M: usize>(t: &Tile<'_, W>) {
+        let mut n = t.n0;
+        while n + 4 <= t.n1 {
+            let mut out = [[0f32; 4]; M];
+            skinny_block::<W, M, 4>(t.a, t.w, t.k, n, &mut out);
+            for (c, o) in t.c.iter().zip(&out) {
+                for (j, v) in o.iter().enumerate() {
+                    *c.add(n - t.n0 + j) = *v;
+                }
+            }
+            n += 4;
+        }
+        while n < t.n1 {
+            let mut out = [[0f32; 1]; M];
+            skinny_block::<W, M, 1>(t.a, t.w, t.k, n, &mut out);
+            for (c, o) in t.c.iter().zip(&out) {
+                *c.add(n - t.n0) = o[0];
+            }
+            n += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn skinny<W: WeightElem>(t: &Tile<'_, W>) {
+        match t.a.len() {
+            0 => {}
+            1 => skinny_m::<W, 1>(t),
+            2 => skinny_m::<W, 2>(t),
+            _ => skinny_m::<W, 3>(t),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// Packs `W[s..s+ns, k0..k0+kc]` transposed into `buf[kk*16 + j]` (f32),
+    /// zero-filling columns `ns..16`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pack_strip<W: WeightElem>(
+        w: &[W],
+        k: usize,
+        s: usize,
+        ns: usize,
+        k0: usize,
+        kc: usize,
+        buf: &mut [f32],
+    ) {
+        let kc8 = kc & !7;
+        let zero = _mm256_setzero_ps();
+        for half in 0..2 {
+            let rows: [Option<*const W>; 8] = std::array::from_fn(|j| {
+                let jj = half * 8 + j;
+                (jj < ns).then(|| w.as_ptr().add((s + jj) * k + k0))
+            });
+            let mut kk = 0;
+            while kk < kc8 {
+                let v: [__m256; 8] =
+                    std::array::from_fn(|j| rows[j].map_or(zero, |p| W::load8(p.add(kk))));
+                let tv = transpose8(v);
+                for (i, col) in tv.iter().enumerate() {
+                    _mm256_storeu_ps(buf.as_mut_ptr().add((kk + i) * NR + half * 8), *col);
+                }
+                kk += 8;
+            }
+            for kk in kc8..kc {
+                for (j, r) in rows.iter().enumerate() {
+                    buf[kk * NR + half * 8 + j] = r.map_or(0.0, |p| (*p.add(kk)).to_f32());
+                }
+            }
+        }
+    }
+
+    /// `C[0..6, 0..16] (+)= A[0..6, k0..k0+kc] · panel`; only `mr` rows and
+    /// `ns` columns are stored.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn kernel_6x16(
+        a: [*const f32; MR],
+        panel: &[f32],
+        kc: usize,
+        c: [*mut f32; MR],
+        mr: usize,
+        ns: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let mut tmp = [0f32; NR];
+        if accumulate {
+            for r in 0..mr {
+                if ns == NR {
+                    acc[r][0] = _mm256_loadu_ps(c[r]);
+                    acc[r][1] = _mm256_loadu_ps(c[r].add(8));
+                } else {
+                    std::ptr::copy_nonoverlapping(c[r], tmp.as_mut_ptr(), ns);
+                    acc[r][0] = _mm256_loadu_ps(tmp.as_ptr());
+                    acc[r][1] = _mm256_loadu_ps(tmp.as_ptr().add(8));
+                }
+            }
+        }
+        let mut b = panel.as_ptr();
+        for kk in 0..kc {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            for r in 0..MR {
+                let av = _mm256_broadcast_ss(&*a[r].add(kk));
+                acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+            }
+            b = b.add(NR);
+        }
+        for r in 0..mr {
+            if ns == NR {
+                _mm256_storeu_ps(c[r], acc[r][0]);
+                _mm256_storeu_ps(c[r].add(8), acc[r][1]);
+            } else {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r][0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc[r][1]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), c[r], ns);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn packed<W: WeightElem>(t: &Tile<'_, W>) {
+        let m = t.a.len();
+        let mut panel = vec![0f32; KC * NR];
+        let mut k0 = 0;
+        while k0 < t.k {
+            let kc = KC.min(t.k - k0);
+            let mut s = t.n0;
+            while s < t.n1 {
+                let ns = NR.min(t.n1 - s);
+                pack_strip(t.w, t.k, s, ns, k0, kc, &mut panel);
+                let mut mg = 0;
+                while mg < m {
+                    let mr = MR.min(m - mg);
+                    // missing rows re-read row `mg`; their results are not stored
+                    let a: [*const f32; MR] =
+                        std::array::from_fn(|r| t.a[mg + if r < mr { r } else { 0 }].add(k0));
+                    let c: [*mut f32; MR] =
+                        std::array::from_fn(|r| t.c[mg + if r < mr { r } else { 0 }].add(s - t.n0));
+                    kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                    mg += MR;
+                }
+                s += NR;
+            }
+            k0 += KC;
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Grouped expert GEMM over the blocks of [`moe_align_block_size`]:
+//! `out[s, :] = A[s / row_div, :] · W[expert(s)]ᵀ (+ bias[expert]) (· weight[s])`
+//! for every valid sorted row `s`. Rows of non-local experts (-1 blocks) stay 0.
+//!
+//! CPU: consecutive blocks of one expert are merged into a segment; rayon runs
+//! over (segment × N tile) so each weight tile is read once per step and no
+//! weight is ever copied per routed row. Activations and the result are f32.
+
+use super::align::{AlignLayout, AlignedRouting, NON_LOCAL_EXPERT};
+use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
+use super::{contiguous, SendPtr};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Options of one grouped GEMM.
+#[derive(Clone, Debug, Default)]
+pub struct GroupedGemmArgs {
+    /// Activation row of sorted row `s` is `s / row_div` (top-k for the first
+    /// GEMM, whose input is per token; 1 for the second).
+    pub row_div: usize,
+    /// `[E_local, N]` bias, added before the routing weight.
+    pub bias: Option<Tensor>,
+    /// `[numel]` (or `[T, k]`) F32 routing weights multiplied into each row.
+    pub topk_weights: Option<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+struct GroupedGemm {
+    layout: AlignLayout,
+    args: GroupedGemmArgs,
+}
+
+/// A run of sorted rows that share one expert.
+struct Segment {
+    expert: usize,
+    rows: Vec<u32>,
+}
+
+fn segments(
+    buf: &[u32],
+    l: &AlignLayout,
+    num_a_rows: usize,
+    row_div: usize,
+    e_local: usize,
+) -> Result<Vec<Segment>> {
+    let post_pad = buf[l.post_pad_offset()] as usize;
+    if post_pad > l.max_num_tokens_padded || !post_pad.is_multiple_of(l.block_size) {
+        bail!("grouped gemm: corrupt routing (num_tokens_post_padded = {post_pad})")
+    }
+    let sorted = &buf[..l.max_num_tokens_padded];
+    let expert_ids = &buf[l.expert_ids_offset()..l.expert_ids_offset() + l.max_num_blocks];
+    let mut segs: Vec<Segment> = Vec::new();
+    for b in 0..post_pad / l.block_size {
+        let e = expert_ids[b];
+        if e == NON_LOCAL_EXPERT {
+            continue;
+        }
+        let e = e as usize;
+        if e >= e_local {
+            bail!("grouped gemm: block {b} names expert {e}, but the weights hold {e_local}")
+        }
+        let rows = sorted[b * l.block_size..(b + 1) * l.block_size]
+            .iter()
+            .copied()
+            .filter(|&s| (s as usize) < l.numel);
+        match segs.last_mut() {
+            Some(seg) if seg.expert == e => seg.rows.extend(rows),
+            _ => segs.push(Segment {
+                expert: e,
+                rows: rows.collect(),
+            }),
+        }
+    }
+    for seg in &segs {
+        if let Some(&s) = seg
+            .rows
+            .iter()
+            .find(|&&s| s as usize / row_div >= num_a_rows)
+        {
+            bail!("grouped gemm: sorted row {s} has no activation row ({num_a_rows} rows, row_div {row_div})")
+        }
+    }
+    segs.retain(|s| !s.rows.is_empty());
+    Ok(segs)
+}
+
+fn f32_field(t: &Option<Tensor>, what: &str, len: usize) -> Result<Option<Vec<f32>>> {
+    let Some(t) = t else { return Ok(None) };
+    if t.elem_count() != len {
+        bail!(
+            "grouped gemm: {what} has {} elements, expected {len}",
+            t.elem_count()
+        )
+    }
+    let t = t.to_dtype(DType::F32)?.flatten_all()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) => Ok(Some(contiguous::<f32>(c, l, what)?.to_vec())),
+        _ => bail!("grouped gemm: {what} must be on the cpu like the activations"),
+    }
+}
+
+impl GroupedGemm {
+    /// `a`: `[rows, k]` f32; `w`: `[E_local, n, k]`; `buf`: the align buffer.
+    fn run<W: WeightElem>(
+        &self,
+        a: &[f32],
+        k: usize,
+        w: &[W],
+        n: usize,
+        buf: &[u32],
+    ) -> Result<Vec<f32>> {
+        let num_a_rows = a.len().checked_div(k).unwrap_or(0);
+        let e_local = w.len().checked_div(n * k).unwrap_or(0);
+        let l = &self.layout;
+        let row_div = self.args.row_div.max(1);
+        let segs = segments(buf, l, num_a_rows, row_div, e_local)?;
+        let bias = f32_field(&self.args.bias, "bias", e_local * n)?;
+        let weights = f32_field(&self.args.topk_weights, "topk weights", l.numel)?;
+        let mut out = vec![0f32; l.numel * n];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        // work items: (segment, row chunk, column tile)
+        let mut items = Vec::new();
+        for (si, seg) in segs.iter().enumerate() {
+            let m = seg.rows.len();
+            let (nb, mb) = if m <= SKINNY_MAX_ROWS {
+                (32, m)
+            } else {
+                (128, 96)
+            };
+            for r0 in (0..m).step_by(mb) {
+                for n0 in (0..n).step_by(nb) {
+                    items.push((si, r0, (r0 + mb).min(m), n0, (n0 + nb).min(n)));
+                }
+            }
+        }
+        let a_ptr = SendPtr(a.as_ptr() as *mut f32);
+        items.into_par_iter().for_each(|(si, r0, r1, n0, n1)| {
+            let seg = &segs[si];
+            let rows = &seg.rows[r0..r1];
+            let ew = &w[seg.expert * n * k..(seg.expert + 1) * n * k];
+            let ap: Vec<*const f32> = rows
+                .iter()
+                .map(|&s| unsafe { a_ptr.get().add((s as usize / row_div) * k) as *const f32 })
+                .collect();
+            let cp: Vec<*mut f32> = rows
+                .iter()
+                .map(|&s| unsafe { out_ptr.get().add(s as usize * n + n0) })
+                .collect();
+            // SAFETY: rows were bounds-checked in `segments`; every sorted row
+            // appears once, so (row, column tile) regions are disjoint.
+            unsafe {
+                gemm_tile(&Tile {
+                    a: &ap,
+                    w: ew,
+                    k,
+                    n0,
+                    n1,
+                    c: &cp,
+                });
+            }
+            if bias.is_none() && weights.is_none() {
+                return;
+            }
+            for (&s, &c) in rows.iter().zip(&cp) {
+                let c = unsafe { std::slice::from_raw_parts_mut(c, n1 - n0) };
+                if let Some(b) = &bias {
+                    let b = &b[seg.expert * n + n0..seg.expert * n + n1];
+                    c.iter_mut().zip(b).for_each(|(c, b)| *c += b);
+                }
+                if let Some(wt) = &weights {
+                    let wt = wt[s as usize];
+                    c.iter_mut().for_each(|c| *c *= wt);
+                }
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for GroupedGemm {
+    fn name(&self) -> &'static str {
+        "moe-grouped-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sa: &CpuStorage,
+        la: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sr: &CpuStorage,
+        lr: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, k) = la.shape().dims2()?;
+        let (e_local, n, kw) = lw.shape().dims3()?;
+        if k != kw {
+            bail!("grouped gemm: activations have K = {k}, weights [{e_local}, {n}, {kw}]")
+        }
+        if lr.shape().elem_count() != self.layout.len() {
+            bail!("grouped gemm: routing buffer does not match its layout")
+        }
+        let a = super::to_f32_cow(sa, la, "activations")?;
+        let buf = contiguous::<u32>(sr, lr, "routing")?;
+        let out = match sw.dtype() {
+            DType::F32 => self.run(&a, k, contiguous::<f32>(sw, lw, "weights")?, n, buf)?,
+            DType::BF16 => self.run(&a, k, contiguous::<bf16>(sw, lw, "weights")?, n, buf)?,
+            DType::F16 => self.run(&a, k, contiguous::<f16>(sw, lw, "weights")?, n, buf)?,
+            dt => bail!("grouped gemm: unsupported weight dtype {dt:?}"),
+        };
+        Ok((CpuStorage::F32(out), Shape::from((self.layout.numel, n))))
+    }
+}
+
+/// Runs the grouped GEMM of `a` (`[rows, K]`) with the stacked expert weights
+/// `w` (`[E_local, N, K]`) over `routing`; returns F32 `[T·k, N]`.
+pub fn grouped_gemm(
+    a: &Tensor,
+    w: &Tensor,
+    routing: &AlignedRouting,
+    args: GroupedGemmArgs,
+) -> Result<Tensor> {
+    let op = GroupedGemm {
+        layout: routing.layout,
+        args,
+    };
+    a.apply_op3_no_bwd(w, &routing.buffer, &op)
+}

@@ -1,0 +1,70 @@
+//! Custom ops, one per file: a struct implementing candle's `CustomOp*` with a
+//! CPU forward (and, with the `cuda` feature, a CUDA one), plus a thin wrapper.
+//! The tensor's device picks the implementation at run time.
+
+pub mod activation;
+pub mod align;
+pub mod gemm_cpu;
+pub mod grouped_gemm;
+pub mod reduce;
+pub mod topk;
+
+pub use activation::{act_and_mul, Activation};
+pub use align::{moe_align_block_size, AlignedRouting};
+pub use grouped_gemm::{grouped_gemm, GroupedGemmArgs};
+pub use reduce::moe_weighted_sum;
+pub use topk::{router_weights, topk_select, ScoringFunc};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
+
+/// The contiguous slice a layout addresses, or an error naming the operand.
+pub(crate) fn contiguous<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{what} must be contiguous"),
+    }
+}
+
+/// Reads any float storage as f32 rows (a copy only for f16/bf16).
+pub(crate) fn to_f32_cow<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<std::borrow::Cow<'a, [f32]>> {
+    use std::borrow::Cow;
+    Ok(match s.dtype() {
+        DType::F32 => Cow::Borrowed(contiguous::<f32>(s, l, what)?),
+        DType::BF16 => Cow::Owned(
+            contiguous::<half::bf16>(s, l, what)?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+        ),
+        DType::F16 => Cow::Owned(
+            contiguous::<half::f16>(s, l, what)?
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+        ),
+        dt => bail!("{what}: unsupported dtype {dt:?}, expected f32, bf16 or f16"),
+    })
+}
+
+/// A raw pointer that rayon tasks may share because each writes disjoint rows.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    /// A method (not field access) so closures capture the whole wrapper.
+    #[inline(always)]
+    pub(crate) fn get(&self) -> *mut T {
+        self.0
+    }
+}

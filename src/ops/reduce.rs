@@ -1,0 +1,92 @@
+//! Weighted top-k reduction: `out[t] = Σ_j w[t, j] · y[t·k + j]`, the
+//! "contiguous" weight-and-reduce of the modular kernel (vLLM `moe_sum` when
+//! the weights were already applied).
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+#[derive(Clone, Debug)]
+struct WeightedSum {
+    top_k: usize,
+    out_dtype: DType,
+}
+
+fn store(out: Vec<f32>, dt: DType) -> Result<CpuStorage> {
+    Ok(match dt {
+        DType::F32 => CpuStorage::F32(out),
+        DType::BF16 => CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
+        dt => bail!("moe_weighted_sum: unsupported output dtype {dt:?}"),
+    })
+}
+
+impl WeightedSum {
+    fn run(&self, y: &[f32], l: &Layout, w: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let (rows, h) = l.shape().dims2()?;
+        let k = self.top_k;
+        if k == 0 || rows % k != 0 {
+            bail!("moe_weighted_sum: {rows} rows is not a multiple of top_k {k}")
+        }
+        let t = rows / k;
+        if let Some(w) = w {
+            if w.len() != rows {
+                bail!("moe_weighted_sum: {} weights for {rows} rows", w.len())
+            }
+        }
+        let mut out = vec![0f32; t * h];
+        if h > 0 {
+            out.par_chunks_mut(h).enumerate().for_each(|(ti, o)| {
+                for j in 0..k {
+                    let r = ti * k + j;
+                    let wt = w.map_or(1.0, |w| w[r]);
+                    let yr = &y[r * h..(r + 1) * h];
+                    o.iter_mut().zip(yr).for_each(|(o, y)| *o += wt * y);
+                }
+            });
+        }
+        Ok((store(out, self.out_dtype)?, Shape::from((t, h))))
+    }
+}
+
+impl CustomOp1 for WeightedSum {
+    fn name(&self) -> &'static str {
+        "moe-sum"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = super::to_f32_cow(s, l, "expert output")?;
+        self.run(&y, l, None)
+    }
+}
+
+impl CustomOp2 for WeightedSum {
+    fn name(&self) -> &'static str {
+        "moe-weighted-sum"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = super::to_f32_cow(s, l, "expert output")?;
+        let w = super::to_f32_cow(sw, lw, "topk weights")?;
+        self.run(&y, l, Some(&w))
+    }
+}
+
+/// Reduces `expert_out` (`[T·k, H]`) over the k slots of each token, weighting
+/// by `topk_weights` (`[T, k]`) when given; returns `[T, H]` in `out_dtype`.
+pub fn moe_weighted_sum(
+    expert_out: &Tensor,
+    topk_weights: Option<&Tensor>,
+    top_k: usize,
+    out_dtype: DType,
+) -> Result<Tensor> {
+    let op = WeightedSum { top_k, out_dtype };
+    match topk_weights {
+        None => expert_out.apply_op1_no_bwd(&op),
+        Some(w) => expert_out.apply_op2_no_bwd(w, &op),
+    }
+}

@@ -1,0 +1,174 @@
+//! f32 / f16 / bf16 experts, stored in the layer's dtype.
+
+use super::{ExpertLayerSpec, QuantMethod, TensorSpec};
+use crate::error::{MoeError, Result};
+use crate::modular::{Experts, GroupedGemmExperts};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unquantized;
+
+fn get(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {
+    vb.get(shape, name)
+        .map_err(|e| MoeError::weight(format!("{}.{name}", vb.prefix()), e.to_string()))
+}
+
+/// Stacks per-expert tensors into a preallocated `[E_local, ...]` tensor,
+/// so that at most one expert is held twice while loading.
+struct Stacker {
+    out: Tensor,
+}
+
+impl Stacker {
+    fn new(e: usize, shape: &[usize], vb: &VarBuilder) -> Result<Self> {
+        let mut dims = vec![e];
+        dims.extend_from_slice(shape);
+        Ok(Self {
+            out: Tensor::zeros(dims, vb.dtype(), vb.device())?,
+        })
+    }
+    fn set(&self, i: usize, t: &Tensor) -> Result<()> {
+        Ok(self.out.slice_set(&t.unsqueeze(0)?, 0, i)?)
+    }
+}
+
+impl Unquantized {
+    fn load_per_expert(
+        &self,
+        s: &ExpertLayerSpec,
+        vb: &VarBuilder,
+        local_ids: &[usize],
+    ) -> Result<(Tensor, Tensor, Option<Tensor>, Option<Tensor>)> {
+        let (h, i, e) = (s.hidden_size, s.intermediate_size, local_ids.len());
+        let w13 = Stacker::new(e, &[2 * i, h], vb)?;
+        let w2 = Stacker::new(e, &[h, i], vb)?;
+        let b13 = if s.has_bias {
+            Some(Stacker::new(e, &[2 * i], vb)?)
+        } else {
+            None
+        };
+        let b2 = if s.has_bias {
+            Some(Stacker::new(e, &[h], vb)?)
+        } else {
+            None
+        };
+        for (l, &g) in local_ids.iter().enumerate() {
+            let ve = vb.pp(g);
+            let gate = get(&ve.pp("gate_proj"), &[i, h], "weight")?;
+            let up = get(&ve.pp("up_proj"), &[i, h], "weight")?;
+            w13.set(l, &Tensor::cat(&[&gate, &up], 0)?)?;
+            w2.set(l, &get(&ve.pp("down_proj"), &[h, i], "weight")?)?;
+            if let (Some(b13), Some(b2)) = (&b13, &b2) {
+                let bg = get(&ve.pp("gate_proj"), &[i], "bias")?;
+                let bu = get(&ve.pp("up_proj"), &[i], "bias")?;
+                b13.set(l, &Tensor::cat(&[&bg, &bu], 0)?)?;
+                b2.set(l, &get(&ve.pp("down_proj"), &[h], "bias")?)?;
+            }
+        }
+        Ok((w13.out, w2.out, b13.map(|b| b.out), b2.map(|b| b.out)))
+    }
+
+    /// transformers 5.x layout: `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`.
+    fn load_fused(
+        &self,
+        s: &ExpertLayerSpec,
+        vb: &VarBuilder,
+        local_ids: &[usize],
+    ) -> Result<(Tensor, Tensor, Option<Tensor>, Option<Tensor>)> {
+        let (h, i, eg) = (s.hidden_size, s.intermediate_size, s.global_num_experts);
+        let all_local = local_ids.iter().copied().eq(0..eg);
+        let pick = |t: Tensor| -> Result<Tensor> {
+            if all_local {
+                return Ok(t);
+            }
+            let idx: Vec<u32> = local_ids.iter().map(|&g| g as u32).collect();
+            let idx = Tensor::new(idx.as_slice(), t.device())?;
+            Ok(t.index_select(&idx, 0)?)
+        };
+        let w13 = pick(get(vb, &[eg, 2 * i, h], "gate_up_proj")?)?;
+        let w2 = pick(get(vb, &[eg, h, i], "down_proj")?)?;
+        let (b13, b2) = if s.has_bias {
+            (
+                Some(pick(get(vb, &[eg, 2 * i], "gate_up_proj_bias")?)?),
+                Some(pick(get(vb, &[eg, h], "down_proj_bias")?)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok((w13, w2, b13, b2))
+    }
+}
+
+impl QuantMethod for Unquantized {
+    fn name(&self) -> &'static str {
+        "unquantized"
+    }
+
+    fn expert_tensors(&self, s: &ExpertLayerSpec) -> Vec<TensorSpec> {
+        let (h, i) = (s.hidden_size, s.intermediate_size);
+        let mut v = vec![
+            TensorSpec {
+                name: "{e}.gate_proj.weight".into(),
+                dtype: None,
+                shape: vec![i, h],
+            },
+            TensorSpec {
+                name: "{e}.up_proj.weight".into(),
+                dtype: None,
+                shape: vec![i, h],
+            },
+            TensorSpec {
+                name: "{e}.down_proj.weight".into(),
+                dtype: None,
+                shape: vec![h, i],
+            },
+        ];
+        if s.has_bias {
+            v.push(TensorSpec {
+                name: "{e}.gate_proj.bias".into(),
+                dtype: None,
+                shape: vec![i],
+            });
+            v.push(TensorSpec {
+                name: "{e}.up_proj.bias".into(),
+                dtype: None,
+                shape: vec![i],
+            });
+            v.push(TensorSpec {
+                name: "{e}.down_proj.bias".into(),
+                dtype: None,
+                shape: vec![h],
+            });
+        }
+        v
+    }
+
+    fn create_experts(
+        &self,
+        s: &ExpertLayerSpec,
+        vb: &VarBuilder,
+        local_ids: &[usize],
+    ) -> Result<Arc<dyn Experts>> {
+        if let Some(&g) = local_ids.iter().find(|&&g| g >= s.global_num_experts) {
+            return Err(MoeError::config(format!(
+                "local expert {g} out of range for {} experts",
+                s.global_num_experts
+            )));
+        }
+        let fused = vb.contains_tensor("gate_up_proj");
+        let (w13, w2, b13, b2) = if fused {
+            self.load_fused(s, vb, local_ids)?
+        } else {
+            self.load_per_expert(s, vb, local_ids)?
+        };
+        Ok(Arc::new(GroupedGemmExperts::new(
+            w13,
+            w2,
+            b13,
+            b2,
+            s.activation,
+        )?))
+    }
+}
