@@ -27,8 +27,20 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { name: "qwen1.5-moe-a2.7b", h: 2048, i: 1408, e: 60, k: 4 },
-    Case { name: "qwen3-30b-a3b", h: 2048, i: 768, e: 128, k: 8 },
+    Case {
+        name: "qwen1.5-moe-a2.7b",
+        h: 2048,
+        i: 1408,
+        e: 60,
+        k: 4,
+    },
+    Case {
+        name: "qwen3-30b-a3b",
+        h: 2048,
+        i: 768,
+        e: 128,
+        k: 8,
+    },
 ];
 
 fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -79,8 +91,14 @@ impl CandleLoop {
     fn forward(&self, xs: &Tensor, logits: &Tensor) -> candle_core::Result<Tensor> {
         let hidden = xs.dim(1)?;
         let probs = candle_nn::ops::softmax_last_dim(logits)?;
-        let ids = probs.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, self.top_k)?.contiguous()?;
-        let w = probs.gather(&ids, D::Minus1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let ids = probs
+            .arg_sort_last_dim(false)?
+            .narrow(D::Minus1, 0, self.top_k)?
+            .contiguous()?;
+        let w = probs
+            .gather(&ids, D::Minus1)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         let ids = ids.to_vec2::<u32>()?;
         let mut rows = vec![vec![]; self.experts.len()];
         let mut wts = vec![vec![]; self.experts.len()];
@@ -96,7 +114,9 @@ impl CandleLoop {
                 continue;
             }
             let idx = Tensor::new(rows[e].as_slice(), xs.device())?;
-            let wt = Tensor::new(wts[e].as_slice(), xs.device())?.reshape(((), 1))?.to_dtype(xs.dtype())?;
+            let wt = Tensor::new(wts[e].as_slice(), xs.device())?
+                .reshape(((), 1))?
+                .to_dtype(xs.dtype())?;
             let x = xs.index_select(&idx, 0)?.reshape(((), hidden))?;
             let a = candle_nn::ops::silu(&gate.forward(&x)?)?;
             let y = down.forward(&(a * up.forward(&x)?)?)?;
@@ -145,9 +165,15 @@ fn main() -> Result<()> {
     };
     let dev = Device::Cpu;
     let bw = read_bandwidth();
-    eprintln!("read bandwidth: {bw:.1} GB/s, threads: {}", rayon::current_num_threads());
+    eprintln!(
+        "read bandwidth: {bw:.1} GB/s, threads: {}",
+        rayon::current_num_threads()
+    );
     let mut rows = Vec::new();
-    for case in CASES.iter().filter(|c| cases.iter().any(|n| c.name.starts_with(n.as_str()))) {
+    for case in CASES
+        .iter()
+        .filter(|c| cases.iter().any(|n| c.name.starts_with(n.as_str())))
+    {
         for dts in &dtypes {
             let dt = match dts.as_str() {
                 "f32" => DType::F32,
@@ -156,7 +182,8 @@ fn main() -> Result<()> {
                 o => bail!("unknown dtype {o}"),
             };
             let (h, i, e, k) = (case.h, case.i, case.e, case.k);
-            let w13 = Tensor::from_vec(fill(e * 2 * i * h, 1, 0.03), (e, 2 * i, h), &dev)?.to_dtype(dt)?;
+            let w13 = Tensor::from_vec(fill(e * 2 * i * h, 1, 0.03), (e, 2 * i, h), &dev)?
+                .to_dtype(dt)?;
             let w2 = Tensor::from_vec(fill(e * h * i, 2, 0.03), (e, h, i), &dev)?.to_dtype(dt)?;
             let experts = (0..if only_fused { 0 } else { e })
                 .map(|x| -> Result<_> {
@@ -185,8 +212,10 @@ fn main() -> Result<()> {
                 let inputs: Vec<(Tensor, Tensor)> = (0..n_inputs)
                     .map(|s| -> Result<_> {
                         Ok((
-                            Tensor::from_vec(fill(t * h, 100 + s as u64, 1.0), (t, h), &dev)?.to_dtype(dt)?,
-                            Tensor::from_vec(fill(t * e, 200 + s as u64, 2.0), (t, e), &dev)?.to_dtype(dt)?,
+                            Tensor::from_vec(fill(t * h, 100 + s as u64, 1.0), (t, h), &dev)?
+                                .to_dtype(dt)?,
+                            Tensor::from_vec(fill(t * e, 200 + s as u64, 2.0), (t, e), &dev)?
+                                .to_dtype(dt)?,
                         ))
                     })
                     .collect::<Result<_>>()?;
@@ -208,14 +237,14 @@ fn main() -> Result<()> {
                     f64::NAN
                 } else {
                     median_ms(
-                    || {
-                        let (x, l) = &inputs[j % n_inputs];
-                        j += 1;
-                        std::hint::black_box(baseline.forward(x, l)?);
-                        Ok(())
-                    },
-                    reps,
-                )?
+                        || {
+                            let (x, l) = &inputs[j % n_inputs];
+                            j += 1;
+                            std::hint::black_box(baseline.forward(x, l)?);
+                            Ok(())
+                        },
+                        reps,
+                    )?
                 };
                 let mut j = 0;
                 let ms_fused = median_ms(
@@ -236,7 +265,9 @@ fn main() -> Result<()> {
                         "bytes_read_mb": (bytes / 1e5).round() / 10.0,
                     });
                     if t <= 16 {
-                        row["bandwidth_pct"] = serde_json::json!(((bytes / (ms / 1e3) / 1e9 / bw) * 1000.0).round() / 10.0);
+                        row["bandwidth_pct"] = serde_json::json!(
+                            ((bytes / (ms / 1e3) / 1e9 / bw) * 1000.0).round() / 10.0
+                        );
                     }
                     if !json {
                         eprintln!("{row}");
@@ -249,7 +280,10 @@ fn main() -> Result<()> {
     if json {
         println!("{}", serde_json::Value::Array(rows));
     } else {
-        println!("{:<20} {:>6} {:>5} {:<12} {:>10} {:>8} {:>8} {:>7}", "case", "tokens", "dtype", "impl", "ms", "speedup", "GFLOP/s", "bw %");
+        println!(
+            "{:<20} {:>6} {:>5} {:<12} {:>10} {:>8} {:>8} {:>7}",
+            "case", "tokens", "dtype", "impl", "ms", "speedup", "GFLOP/s", "bw %"
+        );
         for r in &rows {
             println!(
                 "{:<20} {:>6} {:>5} {:<12} {:>10.3} {:>8.2} {:>8.1} {:>7}",
@@ -260,7 +294,9 @@ fn main() -> Result<()> {
                 r["ms"].as_f64().unwrap_or(0.0),
                 r["speedup_vs_candle_loop"].as_f64().unwrap_or(0.0),
                 r["gflops"].as_f64().unwrap_or(0.0),
-                r.get("bandwidth_pct").map(|v| v.to_string()).unwrap_or_default(),
+                r.get("bandwidth_pct")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
             );
         }
     }

@@ -23,6 +23,39 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     /// `p` must point to 8 readable elements and the CPU must have AVX2+FMA+F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen consecutive elements widened to f32, possibly in the lane
+    /// order of [`permute16`] (cheaper for bf16: two unpacks, no shifts).
+    ///
+    /// # Safety
+    /// As [`WeightElem::load8`], for 16 elements.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
+        [Self::load8(p), Self::load8(p.add(8))]
+    }
+    /// Whether `load16` returns the permuted order.
+    const PERMUTED16: bool = false;
+}
+
+/// The element order `load16` uses for bf16: `[0..4, 8..12]`, `[4..8, 12..16]`.
+///
+/// # Safety
+/// `a` must point to 16 readable f32 and the CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn permute16(a: *const f32, permuted: bool) -> [std::arch::x86_64::__m256; 2] {
+    use std::arch::x86_64::*;
+    let (x, y) = (_mm256_loadu_ps(a), _mm256_loadu_ps(a.add(8)));
+    if permuted {
+        [
+            _mm256_permute2f128_ps::<0x20>(x, y),
+            _mm256_permute2f128_ps::<0x31>(x, y),
+        ]
+    } else {
+        [x, y]
+    }
 }
 
 impl WeightElem for f32 {
@@ -51,6 +84,20 @@ impl WeightElem for bf16 {
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load16(p: *const Self) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        // bf16 is the high half of an f32: interleave with zeros
+        let w = _mm256_loadu_si256(p as *const __m256i);
+        let z = _mm256_setzero_si256();
+        [
+            _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, w)),
+            _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, w)),
+        ]
+    }
+    const PERMUTED16: bool = true;
 }
 
 impl WeightElem for f16 {
@@ -164,13 +211,14 @@ mod avx2 {
         // 32 elements per row per step: a whole cache line of bf16 per row in flight
         let mut kk = 0;
         while kk < k32 {
-            for u in 0..4 {
-                let q = kk + 8 * u;
-                let wv: [__m256; NW] = std::array::from_fn(|j| W::load8(wp[j].add(q)));
+            for u in 0..2 {
+                let q = kk + 16 * u;
+                let wv: [[__m256; 2]; NW] = std::array::from_fn(|j| W::load16(wp[j].add(q)));
                 for m in 0..M {
-                    let av = _mm256_loadu_ps(a[m].add(q));
+                    let av = permute16(a[m].add(q), W::PERMUTED16);
                     for j in 0..NW {
-                        acc[m][j] = _mm256_fmadd_ps(wv[j], av, acc[m][j]);
+                        acc[m][j] = _mm256_fmadd_ps(wv[j][0], av[0], acc[m][j]);
+                        acc[m][j] = _mm256_fmadd_ps(wv[j][1], av[1], acc[m][j]);
                     }
                 }
             }
@@ -197,18 +245,20 @@ mod avx2 {
         }
     }
 
+    /// `M` activation rows against `NW` weight rows at a time; NW shrinks as
+    /// M grows so accumulators, weights and activations fit 16 registers.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn skinny_m<W: WeightElem, const M: usize>(t: &Tile<'_, W>) {
+    unsafe fn skinny_m<W: WeightElem, const M: usize, const NW: usize>(t: &Tile<'_, W>) {
         let mut n = t.n0;
-        while n + 4 <= t.n1 {
-            let mut out = [[0f32; 4]; M];
-            skinny_block::<W, M, 4>(t.a, t.w, t.k, n, &mut out);
+        while n + NW <= t.n1 {
+            let mut out = [[0f32; NW]; M];
+            skinny_block::<W, M, NW>(t.a, t.w, t.k, n, &mut out);
             for (c, o) in t.c.iter().zip(&out) {
                 for (j, v) in o.iter().enumerate() {
                     *c.add(n - t.n0 + j) = *v;
                 }
             }
-            n += 4;
+            n += NW;
         }
         while n < t.n1 {
             let mut out = [[0f32; 1]; M];
@@ -224,9 +274,9 @@ mod avx2 {
     pub(super) unsafe fn skinny<W: WeightElem>(t: &Tile<'_, W>) {
         match t.a.len() {
             0 => {}
-            1 => skinny_m::<W, 1>(t),
-            2 => skinny_m::<W, 2>(t),
-            _ => skinny_m::<W, 3>(t),
+            1 => skinny_m::<W, 1, 4>(t),
+            2 => skinny_m::<W, 2, 2>(t),
+            _ => skinny_m::<W, 3, 2>(t),
         }
     }
 
@@ -274,27 +324,64 @@ mod avx2 {
         buf: &mut [f32],
     ) {
         let kc8 = kc & !7;
-        let zero = _mm256_setzero_ps();
         for half in 0..2 {
-            let rows: [Option<*const W>; 8] = std::array::from_fn(|j| {
-                let jj = half * 8 + j;
-                (jj < ns).then(|| w.as_ptr().add((s + jj) * k + k0))
-            });
-            let mut kk = 0;
-            while kk < kc8 {
-                let v: [__m256; 8] =
-                    std::array::from_fn(|j| rows[j].map_or(zero, |p| W::load8(p.add(kk))));
-                let tv = transpose8(v);
-                for (i, col) in tv.iter().enumerate() {
-                    _mm256_storeu_ps(buf.as_mut_ptr().add((kk + i) * NR + half * 8), *col);
+            let base = half * 8;
+            let valid = ns.saturating_sub(base).min(8);
+            if valid == 8 {
+                // the common case: eight real rows, no per-row checks in the loop
+                let rows: [*const W; 8] =
+                    std::array::from_fn(|j| w.as_ptr().add((s + base + j) * k + k0));
+                let mut kk = 0;
+                while kk < kc8 {
+                    let v: [__m256; 8] = std::array::from_fn(|j| W::load8(rows[j].add(kk)));
+                    let tv = transpose8(v);
+                    for (i, col) in tv.iter().enumerate() {
+                        _mm256_storeu_ps(buf.as_mut_ptr().add((kk + i) * NR + base), *col);
+                    }
+                    kk += 8;
                 }
-                kk += 8;
-            }
-            for kk in kc8..kc {
-                for (j, r) in rows.iter().enumerate() {
-                    buf[kk * NR + half * 8 + j] = r.map_or(0.0, |p| (*p.add(kk)).to_f32());
+                for kk in kc8..kc {
+                    for (j, r) in rows.iter().enumerate() {
+                        buf[kk * NR + base + j] = (*r.add(kk)).to_f32();
+                    }
+                }
+            } else {
+                for kk in 0..kc {
+                    for j in 0..8 {
+                        buf[kk * NR + base + j] = if j < valid {
+                            (*w.as_ptr().add((s + base + j) * k + k0 + kk)).to_f32()
+                        } else {
+                            0.0
+                        };
+                    }
                 }
             }
+        }
+    }
+
+    /// Asks for part `part` of `parts` of the strip `W[s..s+ns, k0..k0+kc]`
+    /// to be brought into cache, so the next pack overlaps this one's FMAs.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn prefetch_strip<W: WeightElem>(
+        w: &[W],
+        k: usize,
+        s: usize,
+        ns: usize,
+        k0: usize,
+        kc: usize,
+        part: usize,
+        parts: usize,
+    ) {
+        let per_line = 64 / std::mem::size_of::<W>();
+        let lines_per_row = kc.div_ceil(per_line);
+        let total = ns * lines_per_row;
+        let (a, b) = (total * part / parts, total * (part + 1) / parts);
+        for l in a..b {
+            let (r, c) = (l / lines_per_row, l % lines_per_row);
+            _mm_prefetch::<_MM_HINT_T1>(
+                w.as_ptr().add((s + r) * k + k0 + c * per_line) as *const i8
+            );
         }
     }
 
@@ -359,8 +446,20 @@ mod avx2 {
             while s < t.n1 {
                 let ns = NR.min(t.n1 - s);
                 pack_strip(t.w, t.k, s, ns, k0, kc, &mut panel);
+                // the next strip of this k block, or the first of the next one
+                let next = if s + NR < t.n1 {
+                    Some((s + NR, NR.min(t.n1 - s - NR), k0, kc))
+                } else if k0 + KC < t.k {
+                    Some((t.n0, NR.min(t.n1 - t.n0), k0 + KC, KC.min(t.k - k0 - KC)))
+                } else {
+                    None
+                };
+                let groups = m.div_ceil(MR);
                 let mut mg = 0;
                 while mg < m {
+                    if let Some((ns2, nn2, k02, kc2)) = next {
+                        prefetch_strip(t.w, t.k, ns2, nn2, k02, kc2, mg / MR, groups);
+                    }
                     let mr = MR.min(m - mg);
                     // missing rows re-read row `mg`; their results are not stored
                     let a: [*const f32; MR] =

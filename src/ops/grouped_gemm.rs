@@ -125,8 +125,11 @@ impl GroupedGemm {
         let mut items = Vec::new();
         for (si, seg) in segs.iter().enumerate() {
             let m = seg.rows.len();
+            // skinny tiles stream ~256 KiB of weights each: long enough to hide
+            // the scheduling cost, short enough to balance the threads
+            let skinny_nb = ((256 << 10) / (k * std::mem::size_of::<W>()).max(1)).clamp(16, 256);
             let (nb, mb) = if m <= SKINNY_MAX_ROWS {
-                (32, m)
+                (skinny_nb, m)
             } else {
                 (128, 96)
             };
