@@ -359,28 +359,34 @@ mod avx2 {
         }
     }
 
-    /// Asks for part `part` of `parts` of the strip `W[s..s+ns, k0..k0+kc]`
-    /// to be brought into cache, so the next pack overlaps this one's FMAs.
+    /// Columns `s..s+ns` over `k0..k0+kc` of one weight matrix.
+    #[derive(Clone, Copy)]
+    struct Strip {
+        s: usize,
+        ns: usize,
+        k0: usize,
+        kc: usize,
+    }
+
+    /// Asks for part `part` of `parts` of strip `st` of `w` to be brought into
+    /// cache, so the next pack overlaps this one's FMAs.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn prefetch_strip<W: WeightElem>(
         w: &[W],
         k: usize,
-        s: usize,
-        ns: usize,
-        k0: usize,
-        kc: usize,
+        st: Strip,
         part: usize,
         parts: usize,
     ) {
         let per_line = 64 / std::mem::size_of::<W>();
-        let lines_per_row = kc.div_ceil(per_line);
-        let total = ns * lines_per_row;
+        let lines_per_row = st.kc.div_ceil(per_line);
+        let total = st.ns * lines_per_row;
         let (a, b) = (total * part / parts, total * (part + 1) / parts);
         for l in a..b {
             let (r, c) = (l / lines_per_row, l % lines_per_row);
-            _mm_prefetch::<_MM_HINT_T1>(
-                w.as_ptr().add((s + r) * k + k0 + c * per_line) as *const i8
+            _mm_prefetch::<_MM_HINT_T0>(
+                w.as_ptr().add((st.s + r) * k + st.k0 + c * per_line) as *const i8
             );
         }
     }
@@ -448,17 +454,27 @@ mod avx2 {
                 pack_strip(t.w, t.k, s, ns, k0, kc, &mut panel);
                 // the next strip of this k block, or the first of the next one
                 let next = if s + NR < t.n1 {
-                    Some((s + NR, NR.min(t.n1 - s - NR), k0, kc))
+                    Some(Strip {
+                        s: s + NR,
+                        ns: NR.min(t.n1 - s - NR),
+                        k0,
+                        kc,
+                    })
                 } else if k0 + KC < t.k {
-                    Some((t.n0, NR.min(t.n1 - t.n0), k0 + KC, KC.min(t.k - k0 - KC)))
+                    Some(Strip {
+                        s: t.n0,
+                        ns: NR.min(t.n1 - t.n0),
+                        k0: k0 + KC,
+                        kc: KC.min(t.k - k0 - KC),
+                    })
                 } else {
                     None
                 };
                 let groups = m.div_ceil(MR);
                 let mut mg = 0;
                 while mg < m {
-                    if let Some((ns2, nn2, k02, kc2)) = next {
-                        prefetch_strip(t.w, t.k, ns2, nn2, k02, kc2, mg / MR, groups);
+                    if let Some(st) = next {
+                        prefetch_strip(t.w, t.k, st, mg / MR, groups);
                     }
                     let mr = MR.min(m - mg);
                     // missing rows re-read row `mg`; their results are not stored
