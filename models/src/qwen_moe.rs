@@ -1,0 +1,192 @@
+//! Qwen1.5/Qwen2-MoE and Qwen3-MoE causal LMs. Every MoE layer is a
+//! `candle_moe::SparseMoeBlock` (gate + FusedMoe, shared expert included);
+//! nothing here does MoE math.
+
+use crate::config::{Arch, QwenMoeConfig};
+use crate::error::{ModelError, Result};
+use crate::layers::{
+    attention_mask, last_position, positions, Attention, DenseMlp, RotaryEmbedding,
+};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_moe::{Activation, FusedMoeConfig, SparseMoeBlock};
+use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+
+#[derive(Clone, Debug)]
+enum Mlp {
+    Dense(DenseMlp),
+    Moe(Box<SparseMoeBlock>),
+}
+
+#[derive(Clone, Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// The layer's FusedMoe settings from config.json.
+pub fn moe_config(cfg: &QwenMoeConfig) -> Result<FusedMoeConfig> {
+    let mut m = FusedMoeConfig::new(
+        cfg.hidden_size,
+        cfg.moe_intermediate_size,
+        cfg.num_experts,
+        cfg.num_experts_per_tok,
+    );
+    m.renormalize = cfg.norm_topk_prob;
+    m.activation = cfg
+        .hidden_act
+        .parse::<Activation>()
+        .map_err(|e| ModelError::Config(format!("hidden_act: {e}")))?;
+    if cfg.arch == Arch::Qwen2Moe && cfg.shared_expert_intermediate_size > 0 {
+        m.shared_expert_intermediate_size = Some(cfg.shared_expert_intermediate_size);
+        m.shared_expert_gate = true;
+    }
+    Ok(m)
+}
+
+impl DecoderLayer {
+    fn new(cfg: &QwenMoeConfig, moe: &FusedMoeConfig, i: usize, vb: VarBuilder) -> Result<Self> {
+        let mlp = if cfg.is_moe_layer(i) {
+            Mlp::Moe(Box::new(SparseMoeBlock::new(moe, vb.pp("mlp"))?))
+        } else {
+            Mlp::Dense(DenseMlp::new(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                vb.pp("mlp"),
+            )?)
+        };
+        Ok(Self {
+            self_attn: Attention::new(cfg, cfg.arch == Arch::Qwen3Moe, vb.pp("self_attn"))?,
+            mlp,
+            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+        })
+    }
+
+    fn forward(
+        &mut self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        pos: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, pos, mask)?;
+        let x = (x + h)?;
+        let y = self.post_attention_layernorm.forward(&x)?;
+        let y = match &self.mlp {
+            Mlp::Dense(m) => m.forward(&y)?,
+            Mlp::Moe(m) => m.forward(&y)?,
+        };
+        x + y
+    }
+}
+
+/// A Qwen-MoE causal LM with a KV cache. Sequences of one batch share a
+/// length; shorter prompts are left-padded and their padding masked.
+#[derive(Clone, Debug)]
+pub struct QwenMoeForCausalLM {
+    cfg: QwenMoeConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    left_pad: Vec<usize>,
+    seqlen_offset: usize,
+    device: Device,
+}
+
+impl QwenMoeForCausalLM {
+    /// `vb` at the checkpoint root (`model.*`, `lm_head.weight`).
+    pub fn new(cfg: &QwenMoeConfig, vb: VarBuilder) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        let moe = moe_config(cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, &moe, i, m.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
+            rope: RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?,
+            embed_tokens,
+            layers,
+            lm_head,
+            left_pad: vec![],
+            seqlen_offset: 0,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &QwenMoeConfig {
+        &self.cfg
+    }
+
+    /// Forgets the KV cache; the next `forward` starts new sequences.
+    pub fn clear_kv_cache(&mut self) {
+        self.layers
+            .iter_mut()
+            .for_each(|l| l.self_attn.clear_cache());
+        self.left_pad.clear();
+        self.seqlen_offset = 0;
+    }
+
+    /// Starts a batch whose row `b` has `left_pad[b]` padding tokens in front.
+    pub fn start_batch(&mut self, left_pad: &[usize]) {
+        self.clear_kv_cache();
+        self.left_pad = left_pad.to_vec();
+    }
+
+    pub fn seqlen_offset(&self) -> usize {
+        self.seqlen_offset
+    }
+
+    /// Feeds `input_ids` (`[B, L]` U32) after what the cache holds; returns
+    /// F32 logits `[B, L, V]`, or `[B, 1, V]` for the last position only.
+    pub fn forward(&mut self, input_ids: &Tensor, last_only: bool) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        if l == 0 {
+            return Err(ModelError::Candle(candle_core::Error::Msg(
+                "empty input".into(),
+            )));
+        }
+        let offset = self.seqlen_offset;
+        if offset + l > self.cfg.max_position_embeddings {
+            return Err(ModelError::Config(format!(
+                "sequence length {} exceeds max_position_embeddings {}",
+                offset + l,
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if self.left_pad.len() != b {
+            self.left_pad.resize(b, 0);
+        }
+        let pos = positions(b, l, offset, &self.left_pad, &self.device)?;
+        let needs_mask = l > 1 || self.left_pad.iter().any(|&p| p > 0);
+        let mask = if needs_mask {
+            Some(attention_mask(b, l, offset, &self.left_pad, &self.device)?)
+        } else {
+            None
+        };
+        let mut x = self.embed_tokens.forward(input_ids)?;
+        for layer in self.layers.iter_mut() {
+            x = layer.forward(&x, &self.rope, &pos, mask.as_ref())?;
+        }
+        self.seqlen_offset += l;
+        let x = if last_only { last_position(&x)? } else { x };
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}

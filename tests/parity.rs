@@ -1,0 +1,279 @@
+//! Tiny Qwen2-MoE / Qwen3-MoE checkpoints made by HF transformers
+//! (scripts/make_fixtures.py) against transformers' own f32 outputs: prompt
+//! logits within 1e-4 relative, greedy continuations token for token (until the
+//! reference's top-2 margin drops below 1e-3), single and batched.
+
+use candle_core::{DType, Device, Tensor};
+use candle_moe_models::{Checkpoint, QwenMoeConfig, QwenMoeForCausalLM};
+use serde_json::Value;
+use std::path::PathBuf;
+
+const FIXTURES: &[&str] = &[
+    "qwen2_moe_f32",
+    "qwen2_moe_bf16",
+    "qwen3_moe_f32",
+    "qwen3_moe_bf16",
+];
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+struct Case {
+    prompt: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    generated: Vec<u32>,
+    margins: Vec<f32>,
+}
+
+fn cases(name: &str) -> Vec<Case> {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir(name).join("expected.json")).unwrap())
+            .unwrap();
+    let ids = |x: &Value| {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    let fl = |x: &Value| {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect::<Vec<_>>()
+    };
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            prompt: ids(&c["prompt_ids"]),
+            logits: c["prompt_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(fl)
+                .collect(),
+            generated: ids(&c["generated_ids"]),
+            margins: fl(&c["top2_margins"]),
+        })
+        .collect()
+}
+
+fn load(name: &str) -> QwenMoeForCausalLM {
+    let ck = Checkpoint::open(dir(name)).unwrap();
+    let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
+    QwenMoeForCausalLM::new(&ck.config, vb).unwrap()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn assert_close(got: &[f32], want: &[f32], ctx: &str) {
+    assert_eq!(got.len(), want.len(), "{ctx}");
+    assert!(
+        got.iter().all(|x| x.is_finite()),
+        "{ctx}: non-finite logits"
+    );
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let mag = want.iter().map(|b| b.abs()).fold(0f32, f32::max);
+    assert!(err <= 1e-4 * mag, "{ctx}: max err {err} vs max |ref| {mag}");
+}
+
+/// Compares a greedy continuation until the reference's margin is too thin to call.
+fn check_generation(got: &[u32], c: &Case, ctx: &str) -> usize {
+    let mut compared = 0;
+    for (step, (&g, &w)) in got.iter().zip(&c.generated).enumerate() {
+        if c.margins[step] < 1e-3 {
+            break;
+        }
+        assert_eq!(g, w, "{ctx}: step {step}");
+        compared += 1;
+    }
+    compared
+}
+
+#[test]
+fn single_sequence_matches_transformers() {
+    for name in FIXTURES {
+        let mut m = load(name);
+        let mut total = 0;
+        for (ci, c) in cases(name).iter().enumerate() {
+            m.clear_kv_cache();
+            let x = Tensor::new(c.prompt.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = m
+                .forward(&x, false)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (p, (g, w)) in logits.iter().zip(&c.logits).enumerate() {
+                assert_close(g, w, &format!("{name} case {ci} position {p}"));
+            }
+            let mut next = argmax(logits.last().unwrap());
+            let mut got = vec![next];
+            while got.len() < c.generated.len() {
+                let x = Tensor::new(&[[next]], &Device::Cpu).unwrap();
+                let l = m
+                    .forward(&x, true)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                next = argmax(&l);
+                got.push(next);
+            }
+            total += check_generation(&got, c, &format!("{name} case {ci}"));
+        }
+        assert!(
+            total >= 40,
+            "{name}: only {total} decisive greedy steps compared"
+        );
+    }
+}
+
+#[test]
+fn left_padded_batch_matches_transformers() {
+    for name in FIXTURES {
+        let mut m = load(name);
+        let cs = cases(name);
+        let len = cs.iter().map(|c| c.prompt.len()).max().unwrap();
+        let pads: Vec<usize> = cs.iter().map(|c| len - c.prompt.len()).collect();
+        let mut rows = vec![];
+        for (c, &p) in cs.iter().zip(&pads) {
+            let mut r = vec![0u32; p];
+            r.extend(&c.prompt);
+            rows.extend(r);
+        }
+        m.start_batch(&pads);
+        let x = Tensor::from_vec(rows, (cs.len(), len), &Device::Cpu).unwrap();
+        let logits = m
+            .forward(&x, true)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut gen: Vec<Vec<u32>> = vec![vec![]; cs.len()];
+        let mut cur: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
+        for (bi, c) in cs.iter().enumerate() {
+            assert_close(
+                &logits[bi],
+                c.logits.last().unwrap(),
+                &format!("{name} batch row {bi}"),
+            );
+        }
+        for _ in 0..cs[0].generated.len() {
+            for (g, &c) in gen.iter_mut().zip(&cur) {
+                g.push(c);
+            }
+            let x = Tensor::from_vec(cur.clone(), (cs.len(), 1), &Device::Cpu).unwrap();
+            let l = m
+                .forward(&x, true)
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            cur = l.iter().map(|l| argmax(l)).collect();
+        }
+        for (bi, c) in cs.iter().enumerate() {
+            check_generation(&gen[bi], c, &format!("{name} batch row {bi}"));
+        }
+    }
+}
+
+#[test]
+fn config_4x_and_5x_agree() {
+    for name in FIXTURES {
+        let text = std::fs::read_to_string(dir(name).join("config.json")).unwrap();
+        let v5: Value = serde_json::from_str(&text).unwrap();
+        let mut v4 = v5.clone();
+        let o = v4.as_object_mut().unwrap();
+        let theta = o.remove("rope_parameters").unwrap()["rope_theta"].clone();
+        o.insert("rope_theta".into(), theta);
+        let dt = o.remove("dtype").unwrap();
+        o.insert("torch_dtype".into(), dt);
+        if let Some(n) = o.remove("num_local_experts") {
+            o.insert("num_experts".into(), n);
+        }
+        o.remove("qkv_bias");
+        o.insert("some_future_key".into(), Value::from(3));
+        let a = QwenMoeConfig::from_json(&v5).unwrap();
+        let b = QwenMoeConfig::from_json(&v4).unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name}");
+    }
+    let bad = serde_json::json!({"model_type": "qwen3_moe", "vocab_size": 8});
+    let e = QwenMoeConfig::from_json(&bad).unwrap_err().to_string();
+    assert!(e.contains("missing required key `hidden_size`"), "{e}");
+}
+
+#[test]
+fn checkpoint_errors_name_file_and_tensor() {
+    let tmp = std::env::temp_dir().join(format!("candle-moe-ckpt-{}", std::process::id()));
+    let src = dir("qwen3_moe_f32");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(src.join("config.json"), tmp.join("config.json")).unwrap();
+    // a checkpoint missing one expert tensor
+    let st = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut st2 = st.clone();
+    st2.remove("model.layers.1.mlp.experts.5.up_proj.weight");
+    candle_core::safetensors::save(&st2, tmp.join("model.safetensors")).unwrap();
+    let ck = Checkpoint::open(&tmp).unwrap();
+    let e = QwenMoeForCausalLM::new(
+        &ck.config,
+        ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("model.layers.1.mlp.experts.5.up_proj.weight"),
+        "{e}"
+    );
+    // a mis-shaped one names the file too
+    let mut st3 = st.clone();
+    st3.insert(
+        "model.layers.0.self_attn.q_norm.weight".into(),
+        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&st3, tmp.join("model.safetensors")).unwrap();
+    let ck = Checkpoint::open(&tmp).unwrap();
+    let e = QwenMoeForCausalLM::new(
+        &ck.config,
+        ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("q_norm.weight") && e.contains("model.safetensors") && e.contains("[7]"),
+        "{e}"
+    );
+    // missing shard file
+    std::fs::remove_file(tmp.join("model.safetensors")).unwrap();
+    let e = Checkpoint::open(&tmp).unwrap_err().to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("not found"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&tmp).ok();
+}
