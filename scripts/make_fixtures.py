@@ -2,6 +2,8 @@
 
     python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers
     /tmp/venv/bin/python scripts/make_fixtures.py tests/fixtures
+    /tmp/venv/bin/python scripts/make_fixtures.py - --bundled models/tiny-qwen2-moe \
+        ../shared/data/qwen2-tokenizer/tokenizer.json
 
 Each fixture directory holds what `save_pretrained` writes (config.json, safetensors,
 possibly sharded with an index) plus `expected.json`: for a few prompts, the f32 logits at
@@ -119,5 +121,28 @@ def main(out_dir):
         print(name, sorted(os.listdir(d)))
 
 
+
+
+def make_bundled(out_dir, tokenizer_json):
+    """The tiny random Qwen2-MoE the generate example runs by default: the real Qwen2
+    tokenizer (151,646 ids), 2 layers, hidden 32, 8 experts top-2 plus a shared expert,
+    bf16, tied embeddings (~10 MB)."""
+    import shutil
+    cfg = Qwen2MoeConfig(vocab_size=151646, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                         norm_topk_prob=False, tie_word_embeddings=True, max_position_embeddings=2048,
+                         rope_theta=1000000.0, bos_token_id=151643, eos_token_id=[151643, 151645])
+    torch.manual_seed(7)
+    model = Qwen2MoeForCausalLM(cfg)
+    scale_weights(model, 7)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    shutil.copy(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")
+    # make_fixtures.py [tests/fixtures] [--bundled models/tiny-qwen2-moe TOKENIZER_JSON]
+    if len(sys.argv) > 2 and sys.argv[2] == "--bundled":
+        make_bundled(sys.argv[3], sys.argv[4])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")

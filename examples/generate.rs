@@ -1,0 +1,276 @@
+//! Text generation with a Qwen-MoE checkpoint (every MoE layer a FusedMoe).
+//!
+//!     cargo run --release --example generate                       # bundled tiny model
+//!     cargo run --release --example generate -- --model Qwen/Qwen1.5-MoE-A2.7B-Chat \
+//!         --chat --prompt "Why is the sky blue?" --dtype bf16
+//!
+//! `--model` is a local directory or a hub id (downloaded once through hf-hub,
+//! `--revision` to pin). Machine mode: `--prompt-ids 1,2,3` needs no tokenizer,
+//! and `--json` prints as the last stdout line
+//! `{"prompt_ids": [...], "generated_ids": [...], "prompt_last_logits": [...]}`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_moe_models::{generate, Checkpoint, QwenMoeForCausalLM, Sampler, SamplingParams};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-qwen2-moe");
+const HELP: &str =
+    "options: --model DIR|HUB_ID [--revision REV] [--prompt TEXT | --prompt-ids 1,2,3] [--chat]
+  [--max-new-tokens N (64)] [--temperature T (0 = greedy)] [--top-p P] [--top-k K] [--seed S]
+  [--repeat-penalty R (1.0)] [--dtype f32|bf16|f16] [--device cpu|cuda[:N]] [--json]";
+
+struct Args {
+    model: Option<String>,
+    revision: String,
+    prompt: Option<String>,
+    prompt_ids: Option<Vec<u32>>,
+    chat: bool,
+    max_new_tokens: usize,
+    sampling: SamplingParams,
+    dtype: Option<DType>,
+    device: String,
+    json: bool,
+}
+
+fn parse() -> Result<Args> {
+    let mut a = Args {
+        model: None,
+        revision: "main".into(),
+        prompt: None,
+        prompt_ids: None,
+        chat: false,
+        max_new_tokens: 64,
+        sampling: SamplingParams::default(),
+        dtype: None,
+        device: "cpu".into(),
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| anyhow!("{flag} needs a value\n{HELP}"))
+        };
+        match flag.as_str() {
+            "--model" => a.model = Some(val()?),
+            "--revision" => a.revision = val()?,
+            "--prompt" => a.prompt = Some(val()?),
+            "--prompt-ids" => {
+                let v = val()?;
+                a.prompt_ids = Some(
+                    v.split(',')
+                        .map(|x| {
+                            x.trim()
+                                .parse::<u32>()
+                                .with_context(|| format!("--prompt-ids: `{x}`"))
+                        })
+                        .collect::<Result<_>>()?,
+                )
+            }
+            "--chat" => a.chat = true,
+            "--json" => a.json = true,
+            "--max-new-tokens" => a.max_new_tokens = val()?.parse().context("--max-new-tokens")?,
+            "--temperature" => a.sampling.temperature = val()?.parse().context("--temperature")?,
+            "--top-p" => a.sampling.top_p = Some(val()?.parse().context("--top-p")?),
+            "--top-k" => a.sampling.top_k = Some(val()?.parse().context("--top-k")?),
+            "--seed" => a.sampling.seed = val()?.parse().context("--seed")?,
+            "--repeat-penalty" => {
+                a.sampling.repeat_penalty = val()?.parse().context("--repeat-penalty")?
+            }
+            "--dtype" => {
+                a.dtype = Some(match val()?.as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    "f16" => DType::F16,
+                    o => bail!("--dtype {o}: expected f32, bf16 or f16"),
+                })
+            }
+            "--device" => a.device = val()?,
+            "-h" | "--help" => {
+                println!("{HELP}");
+                std::process::exit(0)
+            }
+            o => bail!("unknown option {o}\n{HELP}"),
+        }
+    }
+    Ok(a)
+}
+
+fn device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        s => match s.strip_prefix("cuda:") {
+            Some(n) => Ok(Device::new_cuda(n.parse().context("--device cuda:N")?)?),
+            None => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// A local directory, or a hub repo downloaded into the hf-hub cache.
+fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
+    let p = Path::new(model);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    let api = hf_hub::api::sync::ApiBuilder::new()
+        .with_progress(true)
+        .build()?;
+    let repo = api.repo(hf_hub::Repo::with_revision(
+        model.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    ));
+    let cfg = repo
+        .get("config.json")
+        .with_context(|| format!("{model}: not a local directory, and the hub download failed"))?;
+    for f in ["generation_config.json", "tokenizer.json"] {
+        let _ = repo.get(f); // optional
+    }
+    match repo.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
+            let mut files: Vec<String> = v["weight_map"]
+                .as_object()
+                .ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
+            files.sort();
+            files.dedup();
+            for f in files {
+                repo.get(&f)?;
+            }
+        }
+        Err(_) => {
+            repo.get("model.safetensors")?;
+        }
+    }
+    Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+fn main() -> Result<()> {
+    let args = parse()?;
+    let dir = match &args.model {
+        Some(m) => resolve(m, &args.revision)?,
+        None => PathBuf::from(BUNDLED),
+    };
+    let dev = device(&args.device)?;
+    let dtype = args.dtype.unwrap_or(if dev.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    });
+    let ck = Checkpoint::open(&dir)?;
+    let t = std::time::Instant::now();
+    let mut model = QwenMoeForCausalLM::new(&ck.config, ck.var_builder(dtype, &dev)?)?;
+    eprintln!(
+        "loaded {} ({:?}, {dtype:?}) in {:.2}s",
+        dir.display(),
+        ck.config.arch,
+        t.elapsed().as_secs_f64()
+    );
+
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.is_file() {
+        Some(
+            tokenizers::Tokenizer::from_file(&tok_path)
+                .map_err(|e| anyhow!("{}: {e}", tok_path.display()))?,
+        )
+    } else {
+        None
+    };
+    let prompt_ids = match (&args.prompt_ids, &args.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, p) => {
+            let text = p
+                .clone()
+                .unwrap_or_else(|| "The capital of France is".into());
+            let text = if args.chat {
+                format!("<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+            } else {
+                text
+            };
+            let tk = tokenizer.as_ref().ok_or_else(|| {
+                anyhow!("{} has no tokenizer.json: pass --prompt-ids", dir.display())
+            })?;
+            tk.encode(text, false)
+                .map_err(|e| anyhow!("tokenizer: {e}"))?
+                .get_ids()
+                .to_vec()
+        }
+    };
+    if prompt_ids.is_empty() {
+        bail!("empty prompt");
+    }
+    if let Some(&bad) = prompt_ids
+        .iter()
+        .find(|&&t| t as usize >= ck.config.vocab_size)
+    {
+        bail!(
+            "prompt id {bad} is outside the vocabulary ({})",
+            ck.config.vocab_size
+        );
+    }
+
+    // stream: print the new suffix of the decoded text after each token
+    let mut printed = String::new();
+    let mut all: Vec<u32> = vec![];
+    let stream = !args.json && tokenizer.is_some();
+    let mut sampler = Sampler::new(args.sampling.clone());
+    let out = generate(
+        &mut model,
+        &prompt_ids,
+        args.max_new_tokens,
+        &mut sampler,
+        &ck.eos_token_ids,
+        &dev,
+        |tok| {
+            if stream {
+                all.push(tok);
+                if let Some(Ok(text)) = tokenizer.as_ref().map(|t| t.decode(&all, true)) {
+                    if text.len() > printed.len() && text.is_char_boundary(printed.len()) {
+                        print!("{}", &text[printed.len()..]);
+                        let _ = std::io::stdout().flush();
+                        printed = text;
+                    }
+                }
+            }
+            true
+        },
+    )?;
+    if stream {
+        // an EOS is not passed to the callback; flush whatever decoding still holds
+        if let Some(Ok(text)) = tokenizer
+            .as_ref()
+            .map(|t| t.decode(&out.generated_ids, true))
+        {
+            if text.len() > printed.len() && text.is_char_boundary(printed.len()) {
+                print!("{}", &text[printed.len()..]);
+            }
+        }
+        println!();
+    }
+    let n = out.generated_ids.len();
+    eprintln!(
+        "prompt: {} tokens, {:.1} tokens/s; generation: {n} tokens, {:.1} tokens/s",
+        prompt_ids.len(),
+        prompt_ids.len() as f64 / out.prompt_seconds,
+        n.saturating_sub(1) as f64 / out.generation_seconds.max(1e-9),
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "prompt_ids": prompt_ids,
+                "generated_ids": out.generated_ids,
+                "prompt_last_logits": out.prompt_last_logits,
+            })
+        );
+    } else if !stream {
+        println!("{:?}", out.generated_ids);
+    }
+    Ok(())
+}
