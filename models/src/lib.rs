@@ -1,5 +1,20 @@
 //! Model loaders on top of candle-moe: Qwen1.5/Qwen2-MoE and Qwen3-MoE from
 //! Hugging Face checkpoints, with every MoE layer a `candle_moe::FusedMoe`.
+//!
+//! ```
+//! use candle_moe_models::{Arch, QwenMoeConfig};
+//! // transformers 5.x writes rope_parameters and (for Qwen3) num_local_experts
+//! let cfg = QwenMoeConfig::from_json_str(r#"{
+//!     "model_type": "qwen3_moe", "vocab_size": 256, "hidden_size": 64,
+//!     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
+//!     "head_dim": 24, "moe_intermediate_size": 32, "num_local_experts": 12,
+//!     "num_experts_per_tok": 3, "norm_topk_prob": true,
+//!     "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}
+//! }"#)?;
+//! assert_eq!((cfg.arch, cfg.num_experts, cfg.head_dim), (Arch::Qwen3Moe, 12, 24));
+//! assert_eq!(cfg.rope_theta, 1e6);
+//! # Ok::<(), candle_moe_models::ModelError>(())
+//! ```
 
 pub mod checkpoint;
 pub mod config;
