@@ -10,10 +10,13 @@
 //! `{"prompt_ids": [...], "generated_ids": [...], "prompt_last_logits": [...]}`.
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use candle_moe_models::{generate, Checkpoint, QwenMoeForCausalLM, Sampler, SamplingParams};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+mod common;
+use common::{device, resolve};
 
 const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-qwen2-moe");
 const HELP: &str =
@@ -96,59 +99,6 @@ fn parse() -> Result<Args> {
         }
     }
     Ok(a)
-}
-
-fn device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        s => match s.strip_prefix("cuda:") {
-            Some(n) => Ok(Device::new_cuda(n.parse().context("--device cuda:N")?)?),
-            None => bail!("--device {s}: expected cpu, cuda or cuda:N"),
-        },
-    }
-}
-
-/// A local directory, or a hub repo downloaded into the hf-hub cache.
-fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
-    let p = Path::new(model);
-    if p.is_dir() {
-        return Ok(p.to_path_buf());
-    }
-    let api = hf_hub::api::sync::ApiBuilder::new()
-        .with_progress(true)
-        .build()?;
-    let repo = api.repo(hf_hub::Repo::with_revision(
-        model.to_string(),
-        hf_hub::RepoType::Model,
-        revision.to_string(),
-    ));
-    let cfg = repo
-        .get("config.json")
-        .with_context(|| format!("{model}: not a local directory, and the hub download failed"))?;
-    for f in ["generation_config.json", "tokenizer.json"] {
-        let _ = repo.get(f); // optional
-    }
-    match repo.get("model.safetensors.index.json") {
-        Ok(index) => {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-            let mut files: Vec<String> = v["weight_map"]
-                .as_object()
-                .ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect();
-            files.sort();
-            files.dedup();
-            for f in files {
-                repo.get(&f)?;
-            }
-        }
-        Err(_) => {
-            repo.get("model.safetensors")?;
-        }
-    }
-    Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
 fn main() -> Result<()> {

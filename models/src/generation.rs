@@ -180,6 +180,28 @@ pub fn generate_batch_greedy(
     pad_id: u32,
     device: &Device,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_batch_greedy_until(
+        model,
+        prompts,
+        max_new_tokens,
+        eos,
+        pad_id,
+        device,
+        &mut |_, _| false,
+    )
+}
+
+/// As [`generate_batch_greedy`]; `stop(row, generated)` ends a row early
+/// (e.g. on a stop string); the batch ends when every row has.
+pub fn generate_batch_greedy_until(
+    model: &mut QwenMoeForCausalLM,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    eos: &[u32],
+    pad_id: u32,
+    device: &Device,
+    stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<Vec<u32>>> {
     let b = prompts.len();
     if b == 0 {
         return Ok(vec![]);
@@ -201,7 +223,8 @@ pub fn generate_batch_greedy(
         for i in 0..b {
             if !done[i] {
                 out[i].push(next[i]);
-                done[i] = eos.contains(&next[i]) || out[i].len() == max_new_tokens;
+                done[i] =
+                    eos.contains(&next[i]) || out[i].len() == max_new_tokens || stop(i, &out[i]);
             }
         }
         if done.iter().all(|&d| d) {

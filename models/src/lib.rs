@@ -20,11 +20,15 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod gsm8k;
 pub mod layers;
 pub mod qwen_moe;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Arch, QwenMoeConfig};
 pub use error::{ModelError, Result};
-pub use generation::{generate, generate_batch_greedy, Generation, Sampler, SamplingParams};
+pub use generation::{
+    generate, generate_batch_greedy, generate_batch_greedy_until, Generation, Sampler,
+    SamplingParams,
+};
 pub use qwen_moe::QwenMoeForCausalLM;

@@ -1,0 +1,212 @@
+//! GSM8K evaluation as vLLM's CI runs it (`tests/evals/gsm8k/gsm8k_eval.py`):
+//! `num_fewshot` train items as "Question: …\nAnswer: …\n\n" shots, greedy,
+//! stop at "Question", "Assistant:", "<|separator|>" or EOS; the score is the
+//! last integer of the output (commas removed) against the label's.
+
+use crate::error::{ModelError, Result};
+use crate::generation::generate_batch_greedy_until;
+use crate::qwen_moe::QwenMoeForCausalLM;
+use candle_core::Device;
+use std::path::Path;
+use std::time::Instant;
+
+pub const STOP_STRINGS: &[&str] = &["Question", "Assistant:", "<|separator|>"];
+
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub question: String,
+    pub answer: String,
+}
+
+/// Reads a GSM8K jsonl file (`{"question", "answer"}` per line).
+pub fn load_jsonl(path: &Path) -> Result<Vec<Problem>> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::file(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .map_err(|e| ModelError::file(path, format!("line {}: {e}", i + 1)))?;
+            let field = |k: &str| {
+                v.get(k)
+                    .and_then(|x| x.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        ModelError::file(path, format!("line {}: no string `{k}`", i + 1))
+                    })
+            };
+            Ok(Problem {
+                question: field("question")?,
+                answer: field("answer")?,
+            })
+        })
+        .collect()
+}
+
+/// The last run of digits after removing commas, as vLLM's `get_answer_value`;
+/// `None` when there is none (an invalid answer).
+pub fn extract_answer(text: &str) -> Option<u64> {
+    let t = text.replace(',', "");
+    let bytes = t.as_bytes();
+    let mut end = bytes.len();
+    while end > 0 && !bytes[end - 1].is_ascii_digit() {
+        end -= 1;
+    }
+    if end == 0 {
+        return None;
+    }
+    let mut start = end;
+    while start > 0 && bytes[start - 1].is_ascii_digit() {
+        start -= 1;
+    }
+    // a run too long for u64 is still an answer, just not a matching one
+    Some(t[start..end].parse::<u64>().unwrap_or(u64::MAX))
+}
+
+/// Few-shot prefix + the question.
+pub fn build_prompt(shots: &[Problem], question: &str) -> String {
+    let mut p = String::new();
+    for s in shots {
+        p.push_str(&format!(
+            "Question: {}\nAnswer: {}\n\n",
+            s.question, s.answer
+        ));
+    }
+    p.push_str(&format!("Question: {question}\nAnswer:"));
+    p
+}
+
+/// Cuts generated text at the first stop string.
+pub fn truncate_at_stop(text: &str) -> &str {
+    let cut = STOP_STRINGS
+        .iter()
+        .filter_map(|s| text.find(s))
+        .min()
+        .unwrap_or(text.len());
+    &text[..cut]
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QuestionResult {
+    pub index: usize,
+    pub generated: String,
+    pub pred: Option<u64>,
+    pub label: Option<u64>,
+    pub correct: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    pub model: String,
+    pub num_questions: usize,
+    pub num_fewshot: usize,
+    pub accuracy: f64,
+    pub stderr: f64,
+    pub invalid_rate: f64,
+    pub latency_s: f64,
+    /// Prompt plus generated tokens per second of wall time.
+    pub tokens_per_s: f64,
+    pub prompt_tokens_per_s: f64,
+    pub generated_tokens_per_s: f64,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub per_question: Vec<QuestionResult>,
+}
+
+/// Text ↔ ids, so this module does not depend on a tokenizer crate.
+pub trait TextCodec {
+    fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    fn decode(&self, ids: &[u32]) -> Result<String>;
+}
+
+pub struct EvalOptions {
+    pub num_fewshot: usize,
+    pub batch_size: usize,
+    pub max_new_tokens: usize,
+    pub eos: Vec<u32>,
+    pub pad_id: u32,
+    pub model_name: String,
+}
+
+/// Runs the evaluation over `test` with shots from `train`; `progress(done,
+/// total)` is called after every batch.
+pub fn evaluate(
+    model: &mut QwenMoeForCausalLM,
+    codec: &dyn TextCodec,
+    train: &[Problem],
+    test: &[Problem],
+    opts: &EvalOptions,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Report> {
+    if opts.num_fewshot > train.len() {
+        return Err(ModelError::Config(format!(
+            "num_fewshot {} exceeds the {} train problems",
+            opts.num_fewshot,
+            train.len()
+        )));
+    }
+    let shots = &train[..opts.num_fewshot];
+    let t0 = Instant::now();
+    let (mut prompt_tokens, mut generated_tokens) = (0, 0);
+    let mut results = Vec::with_capacity(test.len());
+    let bs = opts.batch_size.max(1);
+    for (bi, chunk) in test.chunks(bs).enumerate() {
+        let prompts = chunk
+            .iter()
+            .map(|p| codec.encode(&build_prompt(shots, &p.question)))
+            .collect::<Result<Vec<_>>>()?;
+        prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
+        let mut stop = |_: usize, ids: &[u32]| -> bool {
+            // decode only the tail: a stop string spans at most a few tokens
+            let tail = &ids[ids.len().saturating_sub(8)..];
+            codec
+                .decode(tail)
+                .map(|t| STOP_STRINGS.iter().any(|s| t.contains(s)))
+                .unwrap_or(false)
+        };
+        let outs = generate_batch_greedy_until(
+            model,
+            &prompts,
+            opts.max_new_tokens,
+            &opts.eos,
+            opts.pad_id,
+            device,
+            &mut stop,
+        )?;
+        for (j, (p, ids)) in chunk.iter().zip(outs).enumerate() {
+            generated_tokens += ids.len();
+            let ids: Vec<u32> = ids.into_iter().filter(|t| !opts.eos.contains(t)).collect();
+            let text = codec.decode(&ids)?;
+            let generated = truncate_at_stop(&text).to_string();
+            let pred = extract_answer(&generated);
+            let label = extract_answer(&p.answer);
+            results.push(QuestionResult {
+                index: bi * bs + j,
+                correct: pred.is_some() && pred == label,
+                generated,
+                pred,
+                label,
+            });
+        }
+        progress(results.len(), test.len());
+    }
+    let latency_s = t0.elapsed().as_secs_f64();
+    let n = results.len().max(1) as f64;
+    let accuracy = results.iter().filter(|r| r.correct).count() as f64 / n;
+    Ok(Report {
+        model: opts.model_name.clone(),
+        num_questions: results.len(),
+        num_fewshot: opts.num_fewshot,
+        accuracy,
+        stderr: (accuracy * (1.0 - accuracy) / n).sqrt(),
+        invalid_rate: results.iter().filter(|r| r.pred.is_none()).count() as f64 / n,
+        latency_s,
+        tokens_per_s: (prompt_tokens + generated_tokens) as f64 / latency_s.max(1e-9),
+        prompt_tokens_per_s: prompt_tokens as f64 / latency_s.max(1e-9),
+        generated_tokens_per_s: generated_tokens as f64 / latency_s.max(1e-9),
+        prompt_tokens,
+        generated_tokens,
+        per_question: results,
+    })
+}

@@ -1,0 +1,165 @@
+//! GSM8K evaluation: answer extraction on tricky outputs, prompt format, and an
+//! end-to-end run on the bundled tiny checkpoint (batch 1 and 4 identical).
+
+use candle_core::{DType, Device};
+use candle_moe_models::gsm8k::{
+    build_prompt, evaluate, extract_answer, load_jsonl, truncate_at_stop, EvalOptions, Problem,
+    TextCodec,
+};
+use candle_moe_models::{Checkpoint, ModelError, QwenMoeForCausalLM};
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn extraction_on_tricky_outputs() {
+    assert_eq!(extract_answer("The answer is 1,234."), Some(1234));
+    assert_eq!(extract_answer("3 apples and 4 pears make 7"), Some(7));
+    assert_eq!(extract_answer("no number here"), None);
+    assert_eq!(extract_answer(""), None);
+    assert_eq!(
+        extract_answer("Natalia sold 48/2 = 24 clips.\n#### 72"),
+        Some(72)
+    );
+    assert_eq!(extract_answer("$18 a day.\n\n"), Some(18));
+    assert_eq!(
+        extract_answer("It costs 2,125 dollars, i.e. 2125"),
+        Some(2125)
+    );
+    assert_eq!(
+        extract_answer("-5 degrees"),
+        Some(5),
+        "like vLLM's \\d+, the sign is dropped"
+    );
+    assert_eq!(
+        extract_answer("3.75"),
+        Some(75),
+        "like vLLM's \\d+, the last digit run"
+    );
+    // text after a stop word is cut before scoring
+    let out = " She makes 9 * 2 = $18 every day.\n#### 18\n\nQuestion: A robe takes 2 bolts";
+    let cut = truncate_at_stop(out);
+    assert_eq!(cut, " She makes 9 * 2 = $18 every day.\n#### 18\n\n");
+    assert_eq!(extract_answer(cut), Some(18));
+    assert_eq!(extract_answer(out), Some(2));
+    assert_eq!(truncate_at_stop("x Assistant: y <|separator|>"), "x ");
+    assert_eq!(truncate_at_stop("12 <|separator|> Question"), "12 ");
+}
+
+#[test]
+fn prompt_format() {
+    let shots = vec![
+        Problem {
+            question: "Q1?".into(),
+            answer: "A1\n#### 1".into(),
+        },
+        Problem {
+            question: "Q2?".into(),
+            answer: "A2\n#### 2".into(),
+        },
+    ];
+    assert_eq!(
+        build_prompt(&shots, "T?"),
+        "Question: Q1?\nAnswer: A1\n#### 1\n\nQuestion: Q2?\nAnswer: A2\n#### 2\n\nQuestion: T?\nAnswer:"
+    );
+    assert_eq!(build_prompt(&[], "T?"), "Question: T?\nAnswer:");
+}
+
+struct Codec(tokenizers::Tokenizer);
+
+impl TextCodec for Codec {
+    fn encode(&self, t: &str) -> candle_moe_models::Result<Vec<u32>> {
+        self.0
+            .encode(t, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ModelError::Config(e.to_string()))
+    }
+    fn decode(&self, ids: &[u32]) -> candle_moe_models::Result<String> {
+        self.0
+            .decode(ids, true)
+            .map_err(|e| ModelError::Config(e.to_string()))
+    }
+}
+
+#[test]
+fn end_to_end_on_tiny_checkpoint_batch_1_equals_4() {
+    let data = root().join("tests/fixtures/gsm8k");
+    let train = load_jsonl(&data.join("train.jsonl")).unwrap();
+    let test = load_jsonl(&data.join("test.jsonl")).unwrap();
+    assert_eq!((train.len(), test.len()), (5, 6));
+    let dir = root().join("models/tiny-qwen2-moe");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let codec = Codec(tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap());
+    let mut m = QwenMoeForCausalLM::new(
+        &ck.config,
+        ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let run = |m: &mut QwenMoeForCausalLM, bs: usize| {
+        let opts = EvalOptions {
+            num_fewshot: 3,
+            batch_size: bs,
+            max_new_tokens: 24,
+            eos: ck.eos_token_ids.clone(),
+            pad_id: 151643,
+            model_name: "tiny".into(),
+        };
+        let mut calls = 0;
+        let r = evaluate(
+            m,
+            &codec,
+            &train,
+            &test[..5],
+            &opts,
+            &Device::Cpu,
+            &mut |_, _| calls += 1,
+        )
+        .unwrap();
+        assert_eq!(calls, 5usize.div_ceil(bs));
+        r
+    };
+    let r1 = run(&mut m, 1);
+    let r4 = run(&mut m, 4);
+    let v = serde_json::to_value(&r4).unwrap();
+    for k in [
+        "model",
+        "num_questions",
+        "num_fewshot",
+        "accuracy",
+        "stderr",
+        "invalid_rate",
+        "latency_s",
+        "tokens_per_s",
+        "per_question",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    assert_eq!(r4.num_questions, 5);
+    assert_eq!(r4.num_fewshot, 3);
+    let labels: Vec<Option<u64>> = r4.per_question.iter().map(|q| q.label).collect();
+    assert_eq!(
+        labels,
+        vec![Some(18), Some(3), Some(70000), Some(540), Some(20)]
+    );
+    for (i, q) in r4.per_question.iter().enumerate() {
+        assert_eq!(q.index, i);
+        assert_eq!(q.pred, extract_answer(&q.generated));
+        assert_eq!(q.correct, q.pred.is_some() && q.pred == q.label);
+    }
+    let acc = r4.per_question.iter().filter(|q| q.correct).count() as f64 / 5.0;
+    assert_eq!(r4.accuracy, acc);
+    assert!(r4.prompt_tokens > 5 * 200 && r4.generated_tokens > 0);
+    let g1: Vec<&str> = r1
+        .per_question
+        .iter()
+        .map(|q| q.generated.as_str())
+        .collect();
+    let g4: Vec<&str> = r4
+        .per_question
+        .iter()
+        .map(|q| q.generated.as_str())
+        .collect();
+    assert_eq!(g1, g4, "batch size 4 must give the batch-1 results");
+}
