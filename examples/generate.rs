@@ -16,13 +16,16 @@ use std::io::Write;
 use std::path::PathBuf;
 
 mod common;
-use common::{device, resolve};
+use common::{device, expert_dtype, parse_dtype, resolve};
 
 const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-qwen2-moe");
 const HELP: &str =
     "options: --model DIR|HUB_ID [--revision REV] [--prompt TEXT | --prompt-ids 1,2,3] [--chat]
   [--max-new-tokens N (64)] [--temperature T (0 = greedy)] [--top-p P] [--top-k K] [--seed S]
-  [--repeat-penalty R (1.0)] [--dtype f32|bf16|f16] [--device cpu|cuda[:N]] [--json]";
+  [--repeat-penalty R (1.0)] [--dtype f32|bf16|f16] [--expert-dtype f32|bf16|f16]
+  [--device cpu|cuda[:N]] [--json]
+  --dtype defaults to f32 on cpu, bf16 on cuda; --expert-dtype to the checkpoint's bf16/f16
+  when computing in f32 (exact, half the expert memory), else to --dtype";
 
 struct Args {
     model: Option<String>,
@@ -33,6 +36,7 @@ struct Args {
     max_new_tokens: usize,
     sampling: SamplingParams,
     dtype: Option<DType>,
+    expert_dtype: Option<String>,
     device: String,
     json: bool,
 }
@@ -47,6 +51,7 @@ fn parse() -> Result<Args> {
         max_new_tokens: 64,
         sampling: SamplingParams::default(),
         dtype: None,
+        expert_dtype: None,
         device: "cpu".into(),
         json: false,
     };
@@ -82,14 +87,8 @@ fn parse() -> Result<Args> {
             "--repeat-penalty" => {
                 a.sampling.repeat_penalty = val()?.parse().context("--repeat-penalty")?
             }
-            "--dtype" => {
-                a.dtype = Some(match val()?.as_str() {
-                    "f32" => DType::F32,
-                    "bf16" => DType::BF16,
-                    "f16" => DType::F16,
-                    o => bail!("--dtype {o}: expected f32, bf16 or f16"),
-                })
-            }
+            "--dtype" => a.dtype = Some(parse_dtype(&val()?)?),
+            "--expert-dtype" => a.expert_dtype = Some(val()?),
             "--device" => a.device = val()?,
             "-h" | "--help" => {
                 println!("{HELP}");
@@ -115,11 +114,18 @@ fn main() -> Result<()> {
     });
     let ck = Checkpoint::open(&dir)?;
     let t = std::time::Instant::now();
-    let mut model = QwenMoeForCausalLM::new(&ck.config, ck.var_builder(dtype, &dev)?)?;
+    let edt = expert_dtype(
+        args.expert_dtype.as_deref(),
+        ck.config.stored_dtype(),
+        dtype,
+    )?;
+    let mut model =
+        QwenMoeForCausalLM::new_with_expert_dtype(&ck.config, ck.var_builder(dtype, &dev)?, edt)?;
     eprintln!(
-        "loaded {} ({:?}, {dtype:?}) in {:.2}s",
+        "loaded {} ({:?}, {dtype:?}, experts {:?}) in {:.2}s",
         dir.display(),
         ck.config.arch,
+        edt.unwrap_or(dtype),
         t.elapsed().as_secs_f64()
     );
 

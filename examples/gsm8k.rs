@@ -2,6 +2,7 @@
 //!
 //!     cargo run --release --example gsm8k -- --model DIR|HUB_ID [--data-dir DIR] [--limit N]
 //!         [--num-fewshot 5] [--batch-size 8] [--max-new-tokens 256] [--dtype f32|bf16]
+//!         [--expert-dtype f32|bf16]
 //!         [--device cpu|cuda[:N]] [--out results.json]
 //!
 //! Without `--data-dir`, openai/grade-school-math's test/train files are
@@ -15,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{device, resolve};
+use common::{device, expert_dtype, parse_dtype, resolve};
 
 const DATA_URL: &str =
     "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data";
@@ -87,6 +88,7 @@ fn main() -> Result<()> {
         "--max-new-tokens",
         "--quant",
         "--dtype",
+        "--expert-dtype",
         "--device",
         "--out",
     ];
@@ -111,10 +113,7 @@ fn main() -> Result<()> {
                 DType::BF16
             }
         }
-        Some("f32") => DType::F32,
-        Some("bf16") => DType::BF16,
-        Some("f16") => DType::F16,
-        Some(o) => bail!("--dtype {o}: expected f32, bf16 or f16"),
+        Some(d) => parse_dtype(d)?,
     };
     let data = data_dir(get("--data-dir"))?;
     let train = load_jsonl(&data.join("train.jsonl"))?;
@@ -128,7 +127,9 @@ fn main() -> Result<()> {
         tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow!("{}: {e}", tok_path.display()))?,
     );
-    let mut m = QwenMoeForCausalLM::new(&ck.config, ck.var_builder(dtype, &dev)?)?;
+    let edt = expert_dtype(get("--expert-dtype"), ck.config.stored_dtype(), dtype)?;
+    let mut m =
+        QwenMoeForCausalLM::new_with_expert_dtype(&ck.config, ck.var_builder(dtype, &dev)?, edt)?;
     let opts = EvalOptions {
         num_fewshot: num("--num-fewshot", 5)?,
         batch_size: num("--batch-size", 8)?,

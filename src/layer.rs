@@ -34,6 +34,10 @@ pub struct FusedMoeConfig {
     pub activation: Activation,
     /// Experts have biases.
     pub has_bias: bool,
+    /// Load the experts in this dtype instead of the VarBuilder's: e.g. keep a
+    /// bf16 checkpoint's experts in bf16 (half the memory, read as bf16 by the
+    /// kernels) while the rest of the model computes in f32 on CPU.
+    pub expert_dtype: Option<DType>,
     /// Qwen2-MoE style shared expert of this intermediate size...
     pub shared_expert_intermediate_size: Option<usize>,
     /// ...gated by `sigmoid(shared_expert_gate(x))`.
@@ -61,6 +65,7 @@ impl FusedMoeConfig {
             routed_scaling_factor: 1.0,
             activation: Activation::Silu,
             has_bias: false,
+            expert_dtype: None,
             shared_expert_intermediate_size: None,
             shared_expert_gate: true,
             ep: EpConfig::default(),
@@ -216,9 +221,13 @@ impl FusedMoe {
             None
         };
         let router = Router::new(cfg.router_config(), bias)?;
+        let vb_experts = match cfg.expert_dtype {
+            Some(dt) => vb.pp("experts").set_dtype(dt),
+            None => vb.pp("experts"),
+        };
         let experts = quant.create_experts(
             &cfg.expert_spec(),
-            &vb.pp("experts"),
+            &vb_experts,
             &expert_map.local_expert_ids(),
         )?;
         let kernel = quant.build_kernel(experts, prepare_finalize)?;

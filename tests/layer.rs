@@ -286,6 +286,7 @@ fn expert_parallel_ranks_load_only_their_experts_and_sum_to_ep1() {
     );
     for (ep, groups) in [(2usize, None), (4, None), (3, Some(3usize))] {
         let mut sum = vec![0f32; full.len()];
+        let mut bytes = 0;
         for rank in 0..ep {
             let mut cfg = cfg.clone();
             cfg.ep = EpConfig {
@@ -312,11 +313,17 @@ fn expert_parallel_ranks_load_only_their_experts_and_sum_to_ep1() {
             });
             let moe = FusedMoe::new(&cfg, vb(m, DType::F32)).unwrap();
             assert_eq!(moe.kernel().experts().local_num_experts(), mgr_ids.len());
+            bytes += moe.kernel().experts().weight_bytes();
             let y = out_vec(&moe.forward(&x, &lt).unwrap());
             sum.iter_mut().zip(&y).for_each(|(s, v)| *s += v);
         }
         let (err, mag) = max_err(&sum, &full);
         assert!(err <= 1e-5 * mag, "ep={ep}: err {err}");
+        assert_eq!(
+            bytes,
+            c.e * 3 * c.h * c.i * 4,
+            "ep={ep}: the ranks hold each expert once"
+        );
     }
 }
 
@@ -367,6 +374,29 @@ fn errors_name_the_tensor() {
     let x = Tensor::zeros((3, 16), DType::F32, &Device::Cpu).unwrap();
     let l = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
     assert!(moe.forward(&x, &l).is_err());
+}
+
+#[test]
+fn expert_dtype_keeps_bf16_experts_under_f32_compute() {
+    let mut rng = Rng::new(38);
+    let c = ckpt(&mut rng, 6, 32, 16);
+    let bf: HashMap<String, Tensor> = per_expert(&c, "")
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    let mut cfg = FusedMoeConfig::new(c.h, c.i, c.e, 2);
+    let full = FusedMoe::new(&cfg, vb(bf.clone(), DType::F32)).unwrap();
+    cfg.expert_dtype = Some(DType::BF16);
+    let half = FusedMoe::new(&cfg, vb(bf, DType::F32)).unwrap();
+    let bytes = |m: &FusedMoe| m.kernel().experts().weight_bytes();
+    assert_eq!(bytes(&full), 6 * 3 * 32 * 16 * 4);
+    assert_eq!(bytes(&half) * 2, bytes(&full));
+    let x = tensor(rng.randn(5 * c.h, 0.3), &[5, c.h]);
+    let l = tensor(rng.randn(5 * c.e, 1.0), &[5, c.e]);
+    let (a, b) = (full.forward(&x, &l).unwrap(), half.forward(&x, &l).unwrap());
+    assert_eq!(b.dtype(), DType::F32);
+    let (err, mag) = max_err(&out_vec(&b), &out_vec(&a));
+    assert!(err <= 1e-5 * mag, "bf16 experts widen exactly: err {err}");
 }
 
 #[test]

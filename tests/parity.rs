@@ -65,9 +65,13 @@ fn cases(name: &str) -> Vec<Case> {
 }
 
 fn load(name: &str) -> QwenMoeForCausalLM {
+    load_with(name, None)
+}
+
+fn load_with(name: &str, expert_dtype: Option<DType>) -> QwenMoeForCausalLM {
     let ck = Checkpoint::open(dir(name)).unwrap();
     let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
-    QwenMoeForCausalLM::new(&ck.config, vb).unwrap()
+    QwenMoeForCausalLM::new_with_expert_dtype(&ck.config, vb, expert_dtype).unwrap()
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -110,8 +114,13 @@ fn check_generation(got: &[u32], c: &Case, ctx: &str) -> usize {
 
 #[test]
 fn single_sequence_matches_transformers() {
-    for name in FIXTURES {
-        let mut m = load(name);
+    // the bf16 checkpoints also with their experts kept in bf16 under f32 compute
+    let runs = FIXTURES.iter().map(|n| (*n, None)).chain([
+        ("qwen2_moe_bf16", Some(DType::BF16)),
+        ("qwen3_moe_bf16", Some(DType::BF16)),
+    ]);
+    for (name, expert_dtype) in runs {
+        let mut m = load_with(name, expert_dtype);
         let mut total = 0;
         for (ci, c) in cases(name).iter().enumerate() {
             m.clear_kv_cache();

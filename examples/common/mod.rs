@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
 /// `cpu`, `cuda` or `cuda:N`.
@@ -57,4 +57,30 @@ pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
         }
     }
     Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Parses `f32|bf16|f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        o => bail!("dtype {o}: expected f32, bf16 or f16"),
+    }
+}
+
+/// Expert weights' dtype: the flag, else the checkpoint's stored bf16/f16
+/// when computing in f32 (widening is exact, and the experts stay half size).
+pub fn expert_dtype(
+    flag: Option<&str>,
+    stored: Option<DType>,
+    compute: DType,
+) -> Result<Option<DType>> {
+    if let Some(f) = flag {
+        return Ok(Some(parse_dtype(f)?));
+    }
+    Ok(match (stored, compute) {
+        (Some(s @ (DType::BF16 | DType::F16)), DType::F32) => Some(s),
+        _ => None,
+    })
 }

@@ -209,6 +209,16 @@ impl QwenMoeConfig {
         Ok(cfg)
     }
 
+    /// The dtype the weights are stored in, from `dtype` / `torch_dtype`.
+    pub fn stored_dtype(&self) -> Option<candle_core::DType> {
+        match self.dtype.as_deref()? {
+            "float32" => Some(candle_core::DType::F32),
+            "bfloat16" => Some(candle_core::DType::BF16),
+            "float16" => Some(candle_core::DType::F16),
+            _ => None,
+        }
+    }
+
     /// Whether decoder layer `i` is an MoE layer (HF's rule).
     pub fn is_moe_layer(&self, i: usize) -> bool {
         !self.mlp_only_layers.contains(&i)

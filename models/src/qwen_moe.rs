@@ -106,9 +106,20 @@ pub struct QwenMoeForCausalLM {
 impl QwenMoeForCausalLM {
     /// `vb` at the checkpoint root (`model.*`, `lm_head.weight`).
     pub fn new(cfg: &QwenMoeConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with_expert_dtype(cfg, vb, None)
+    }
+
+    /// As `new`, with the routed experts held in `expert_dtype` (see
+    /// [`candle_moe::FusedMoeConfig::expert_dtype`]).
+    pub fn new_with_expert_dtype(
+        cfg: &QwenMoeConfig,
+        vb: VarBuilder,
+        expert_dtype: Option<DType>,
+    ) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
-        let moe = moe_config(cfg)?;
+        let mut moe = moe_config(cfg)?;
+        moe.expert_dtype = expert_dtype;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, &moe, i, m.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;

@@ -50,6 +50,9 @@ pub trait Experts: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     fn activation_format(&self) -> ActivationFormat;
     fn local_num_experts(&self) -> usize;
+    /// Bytes of expert weights this implementation holds (what a decode step
+    /// may have to stream, and what expert parallelism divides).
+    fn weight_bytes(&self) -> usize;
     fn problem_size(&self, a1: &Tensor, topk_ids: &Tensor) -> Result<ProblemSize>;
     fn workspace_shapes(
         &self,
@@ -116,6 +119,18 @@ impl Experts for GroupedGemmExperts {
     }
     fn local_num_experts(&self) -> usize {
         self.w13.dims()[0]
+    }
+    fn weight_bytes(&self) -> usize {
+        [
+            Some(&self.w13),
+            Some(&self.w2),
+            self.w13_bias.as_ref(),
+            self.w2_bias.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
     }
     fn problem_size(&self, a1: &Tensor, topk_ids: &Tensor) -> Result<ProblemSize> {
         let (m, k) = a1.dims2()?;
