@@ -55,6 +55,9 @@ impl Sampler {
 
     /// `context`: the tokens so far (prompt and generated), for the repeat penalty.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+        if logits.is_empty() {
+            return 0;
+        }
         let mut l = logits.to_vec();
         let p = &self.params;
         if p.repeat_penalty != 1.0 {
