@@ -297,7 +297,8 @@ impl FusedMoe {
                 router_logits.dims()
             )));
         }
-        if t == 0 {
+        // with expert parallelism a rank without tokens still joins the collectives
+        if t == 0 && self.kernel.prepare_finalize().num_dispatchers() == 1 {
             return Ok((hidden.zeros_like()?, None));
         }
         let x = hidden.reshape((t, h))?;

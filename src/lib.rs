@@ -39,6 +39,7 @@
 //! # }
 //! ```
 
+pub mod dist;
 pub mod error;
 pub mod expert_map;
 pub mod layer;

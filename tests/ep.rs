@@ -1,0 +1,166 @@
+//! Expert parallelism on one machine: worlds of ranks on threads, each holding
+//! only its experts, with naive DP/EP dispatch/combine; every rank's output
+//! equals the single-rank layer on its own tokens.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_moe::dist::{NaiveEpPrepareAndFinalize, ThreadWorld};
+use candle_moe::quant::Unquantized;
+use candle_moe::{EpConfig, FusedMoe, FusedMoeConfig, PlacementStrategy};
+use candle_nn::VarBuilder;
+use common::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn checkpoint(
+    rng: &mut Rng,
+    e: usize,
+    h: usize,
+    i: usize,
+    shared: Option<usize>,
+) -> HashMap<String, Tensor> {
+    let mut m = HashMap::new();
+    for x in 0..e {
+        m.insert(
+            format!("experts.{x}.gate_proj.weight"),
+            tensor(rng.randn(i * h, 0.1), &[i, h]),
+        );
+        m.insert(
+            format!("experts.{x}.up_proj.weight"),
+            tensor(rng.randn(i * h, 0.1), &[i, h]),
+        );
+        m.insert(
+            format!("experts.{x}.down_proj.weight"),
+            tensor(rng.randn(h * i, 0.1), &[h, i]),
+        );
+    }
+    if let Some(s) = shared {
+        m.insert(
+            "shared_expert.gate_proj.weight".into(),
+            tensor(rng.randn(s * h, 0.1), &[s, h]),
+        );
+        m.insert(
+            "shared_expert.up_proj.weight".into(),
+            tensor(rng.randn(s * h, 0.1), &[s, h]),
+        );
+        m.insert(
+            "shared_expert.down_proj.weight".into(),
+            tensor(rng.randn(h * s, 0.1), &[h, s]),
+        );
+        m.insert(
+            "shared_expert_gate.weight".into(),
+            tensor(rng.randn(h, 0.3), &[1, h]),
+        );
+    }
+    m
+}
+
+fn run_world(
+    e: usize,
+    top_k: usize,
+    ep: usize,
+    strategy: PlacementStrategy,
+    tokens: &[usize],
+    shared: Option<usize>,
+) {
+    let (h, i) = (48, 24);
+    let mut rng = Rng::new((e * 100 + ep * 10 + tokens.len()) as u64);
+    let ckpt = checkpoint(&mut rng, e, h, i, shared);
+    let mut cfg = FusedMoeConfig::new(h, i, e, top_k);
+    cfg.renormalize = true;
+    cfg.shared_expert_intermediate_size = shared;
+    let single = FusedMoe::new(
+        &cfg,
+        VarBuilder::from_tensors(ckpt.clone(), DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let inputs: Vec<(Tensor, Tensor)> = tokens
+        .iter()
+        .map(|&t| {
+            (
+                tensor(rng.randn(t * h, 0.5), &[t, h]),
+                tensor(rng.randn(t * e, 1.0), &[t, e]),
+            )
+        })
+        .collect();
+    let comms = ThreadWorld::new(ep);
+    let outs: Vec<(Tensor, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let mut cfg = cfg.clone();
+                // a group count only to let vLLM's rule keep round_robin
+                cfg.ep = EpConfig {
+                    num_expert_group: Some(2),
+                    ..EpConfig::new(ep, rank, strategy)
+                };
+                let ckpt = ckpt.clone();
+                let (x, l) = inputs[rank].clone();
+                s.spawn(move || {
+                    let pf = Arc::new(NaiveEpPrepareAndFinalize::new(Arc::new(comm)));
+                    let vb = VarBuilder::from_tensors(ckpt, DType::F32, &Device::Cpu);
+                    let moe = FusedMoe::with_quant(&cfg, vb, Arc::new(Unquantized), pf).unwrap();
+                    assert_eq!(moe.expert_map_manager().placement_strategy(), strategy);
+                    let y = moe.forward(&x, &l).unwrap();
+                    (y, moe.kernel().experts().weight_bytes())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut bytes = 0;
+    for (rank, ((y, b), (x, l))) in outs.iter().zip(&inputs).enumerate() {
+        bytes += b;
+        let want = single.forward(x, l).unwrap();
+        assert_eq!(y.dims(), want.dims());
+        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        if want.is_empty() {
+            continue;
+        }
+        let (err, mag) = max_err(&got, &want);
+        assert!(
+            err <= 1e-5 * mag,
+            "E={e} ep={ep} {strategy} rank {rank}: err {err} vs {mag}"
+        );
+    }
+    // each rank holds ~1/ep of the experts, and together each expert once
+    assert_eq!(bytes, e * 3 * h * i * 4);
+}
+
+#[test]
+fn two_ranks_nine_experts() {
+    for s in [PlacementStrategy::Linear, PlacementStrategy::RoundRobin] {
+        run_world(9, 2, 2, s, &[5, 11], None);
+    }
+}
+
+#[test]
+fn four_ranks_sixty_experts_uneven_tokens_shared_expert() {
+    for s in [PlacementStrategy::Linear, PlacementStrategy::RoundRobin] {
+        run_world(60, 4, 4, s, &[7, 1, 20, 0], Some(32));
+    }
+}
+
+#[test]
+fn more_ranks_than_experts_is_an_error() {
+    let comms = ThreadWorld::new(5);
+    let mut cfg = FusedMoeConfig::new(8, 4, 4, 2);
+    cfg.ep = EpConfig::new(5, 0, PlacementStrategy::Linear);
+    let mut rng = Rng::new(9);
+    let vb = VarBuilder::from_tensors(
+        checkpoint(&mut rng, 4, 8, 4, None),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let pf = Arc::new(NaiveEpPrepareAndFinalize::new(Arc::new(comms[0].clone())));
+    let e = FusedMoe::with_quant(&cfg, vb, Arc::new(Unquantized), pf)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ep_size 5 is larger than the number of experts 4"),
+        "{e}"
+    );
+}
