@@ -221,16 +221,7 @@ impl FusedMoe {
             None
         };
         let router = Router::new(cfg.router_config(), bias)?;
-        let vb_experts = match cfg.expert_dtype {
-            Some(dt) => vb.pp("experts").set_dtype(dt),
-            None => vb.pp("experts"),
-        };
-        let experts = quant.create_experts(
-            &cfg.expert_spec(),
-            &vb_experts,
-            &expert_map.local_expert_ids(),
-        )?;
-        let kernel = quant.build_kernel(experts, prepare_finalize)?;
+        let kernel = Self::load_kernel(cfg, &vb, &expert_map, quant.as_ref(), prepare_finalize)?;
         let shared = match cfg.shared_expert_intermediate_size {
             Some(i) => Some(SharedExperts::new(
                 cfg.hidden_size,
@@ -249,6 +240,50 @@ impl FusedMoe {
             kernel,
             shared,
         })
+    }
+
+    /// Loads this rank's experts (one at a time) and builds the kernel.
+    fn load_kernel(
+        cfg: &FusedMoeConfig,
+        vb: &VarBuilder,
+        expert_map: &ExpertMapManager,
+        quant: &dyn QuantMethod,
+        prepare_finalize: Arc<dyn PrepareAndFinalize>,
+    ) -> Result<FusedMoeKernel> {
+        let vb_experts = match cfg.expert_dtype {
+            Some(dt) => vb.pp("experts").set_dtype(dt),
+            None => vb.pp("experts"),
+        };
+        let experts = quant.create_experts(
+            &cfg.expert_spec(),
+            &vb_experts,
+            &expert_map.local_expert_ids(),
+        )?;
+        quant.build_kernel(experts, prepare_finalize)
+    }
+
+    /// Moves the layer to a new expert-parallel topology (e.g. ep 2 → 4):
+    /// recomputes the map and tables, then reloads this rank's experts from
+    /// `vb` (the same prefix as at construction) behind `prepare_finalize`.
+    /// On error the layer is unchanged.
+    pub fn update_ep(
+        &mut self,
+        ep_size: usize,
+        ep_rank: usize,
+        vb: &VarBuilder,
+        prepare_finalize: Arc<dyn PrepareAndFinalize>,
+    ) -> Result<()> {
+        let mut map = self.expert_map.clone();
+        map.update(ep_size, ep_rank)?;
+        let mut cfg = self.cfg.clone();
+        cfg.ep.ep_size = ep_size;
+        cfg.ep.ep_rank = ep_rank;
+        // the old share stays until the new one has loaded, so a failure leaves
+        // a working layer (transiently 1/ep_old + 1/ep_new of the experts)
+        self.kernel = Self::load_kernel(&cfg, vb, &map, self.quant.as_ref(), prepare_finalize)?;
+        self.expert_map = map;
+        self.cfg = cfg;
+        Ok(())
     }
 
     pub fn config(&self) -> &FusedMoeConfig {

@@ -164,3 +164,79 @@ fn more_ranks_than_experts_is_an_error() {
         "{e}"
     );
 }
+
+#[test]
+fn update_from_two_to_four_ranks_reloads_experts() {
+    let (e, h, i, k) = (12usize, 32usize, 16usize, 3usize);
+    let mut rng = Rng::new(77);
+    let ckpt = checkpoint(&mut rng, e, h, i, None);
+    let cfg = FusedMoeConfig::new(h, i, e, k);
+    let single = FusedMoe::new(
+        &cfg,
+        VarBuilder::from_tensors(ckpt.clone(), DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let tokens = [3usize, 6, 2, 5];
+    let inputs: Vec<(Tensor, Tensor)> = tokens
+        .iter()
+        .map(|&t| {
+            (
+                tensor(rng.randn(t * h, 0.5), &[t, h]),
+                tensor(rng.randn(t * e, 1.0), &[t, e]),
+            )
+        })
+        .collect();
+    // four threads; ranks 0..2 first form an ep=2 world, then all four an ep=4 world
+    let small = ThreadWorld::new(2);
+    let big = ThreadWorld::new(4);
+    let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|rank| {
+                let (ckpt, cfg) = (ckpt.clone(), cfg.clone());
+                let (x, l) = inputs[rank].clone();
+                let small = small.get(rank).cloned();
+                let big = big[rank].clone();
+                s.spawn(move || {
+                    let vb = VarBuilder::from_tensors(ckpt, DType::F32, &Device::Cpu);
+                    let mut moe = if let Some(comm) = small {
+                        let mut c = cfg.clone();
+                        c.ep = EpConfig::new(2, rank, PlacementStrategy::Linear);
+                        let pf = Arc::new(NaiveEpPrepareAndFinalize::new(Arc::new(comm)));
+                        let m = FusedMoe::with_quant(&c, vb.clone(), Arc::new(Unquantized), pf)
+                            .unwrap();
+                        assert_eq!(m.kernel().experts().local_num_experts(), 6);
+                        m.forward(&x, &l).unwrap();
+                        m
+                    } else {
+                        FusedMoe::new(&cfg, vb.clone()).unwrap()
+                    };
+                    let pf = Arc::new(NaiveEpPrepareAndFinalize::new(Arc::new(big)));
+                    moe.update_ep(4, rank, &vb, pf).unwrap();
+                    assert_eq!(moe.kernel().experts().local_num_experts(), 3);
+                    assert_eq!(
+                        moe.expert_map_manager().local_expert_ids(),
+                        (3 * rank..3 * rank + 3).collect::<Vec<_>>()
+                    );
+                    moe.forward(&x, &l)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, got) in results.iter().enumerate() {
+        let want: Vec<f32> = single
+            .forward(&inputs[rank].0, &inputs[rank].1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (err, mag) = max_err(got, &want);
+        assert!(err <= 1e-5 * mag, "rank {rank}: err {err}");
+    }
+}
