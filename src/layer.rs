@@ -371,6 +371,21 @@ impl SparseMoeBlock {
         })
     }
 
+    /// As `new`, with the routed experts behind `prepare_finalize` (e.g. the
+    /// naive expert-parallel dispatch of [`crate::dist`]).
+    pub fn with_prepare_finalize(
+        cfg: &FusedMoeConfig,
+        vb: VarBuilder,
+        prepare_finalize: Arc<dyn PrepareAndFinalize>,
+    ) -> Result<Self> {
+        let gate = linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))
+            .map_err(|e| MoeError::weight(format!("{}.gate.weight", vb.prefix()), e.to_string()))?;
+        Ok(Self {
+            gate,
+            moe: FusedMoe::with_quant(cfg, vb, Arc::new(Unquantized), prepare_finalize)?,
+        })
+    }
+
     pub fn from_parts(gate: Linear, moe: FusedMoe) -> Self {
         Self { gate, moe }
     }

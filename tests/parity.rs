@@ -286,3 +286,73 @@ fn checkpoint_errors_name_file_and_tensor() {
     );
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// Expert parallelism through the whole model: 2 and 3 ranks on threads, each
+/// holding only its experts, give transformers' greedy tokens and logits.
+#[test]
+fn expert_parallel_model_matches_transformers() {
+    use candle_moe::dist::{Communicator, ThreadWorld};
+    use candle_moe::{EpConfig, PlacementStrategy};
+    use candle_moe_models::LoadOptions;
+    use std::sync::Arc;
+    for (name, ep) in [("qwen2_moe_f32", 2usize), ("qwen3_moe_f32", 3)] {
+        let c = &cases(name)[0];
+        let comms = ThreadWorld::new(ep);
+        let outs: Vec<(Vec<f32>, Vec<u32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let prompt = c.prompt.clone();
+                    let n = c.generated.len();
+                    s.spawn(move || {
+                        let ck = Checkpoint::open(dir(name)).unwrap();
+                        let rank = comm.rank();
+                        let comm: Arc<dyn Communicator> = Arc::new(comm);
+                        let opts = LoadOptions {
+                            expert_dtype: None,
+                            ep: Some((EpConfig::new(ep, rank, PlacementStrategy::Linear), comm)),
+                        };
+                        let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
+                        let mut m =
+                            QwenMoeForCausalLM::new_with_options(&ck.config, vb, &opts).unwrap();
+                        let x = Tensor::new(prompt.as_slice(), &Device::Cpu)
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap();
+                        let logits = m
+                            .forward(&x, true)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap();
+                        let mut next = argmax(&logits);
+                        let mut gen = vec![next];
+                        while gen.len() < n {
+                            let x = Tensor::new(&[[next]], &Device::Cpu).unwrap();
+                            let l = m
+                                .forward(&x, true)
+                                .unwrap()
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap();
+                            next = argmax(&l);
+                            gen.push(next);
+                        }
+                        (logits, gen)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (logits, gen)) in outs.iter().enumerate() {
+            assert_close(
+                logits,
+                c.logits.last().unwrap(),
+                &format!("{name} ep={ep} rank {rank}"),
+            );
+            assert!(check_generation(gen, c, &format!("{name} ep={ep} rank {rank}")) >= 8);
+        }
+    }
+}

@@ -31,4 +31,4 @@ pub use generation::{
     generate, generate_batch_greedy, generate_batch_greedy_until, Generation, Sampler,
     SamplingParams,
 };
-pub use qwen_moe::QwenMoeForCausalLM;
+pub use qwen_moe::{LoadOptions, QwenMoeForCausalLM};

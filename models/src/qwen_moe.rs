@@ -8,8 +8,10 @@ use crate::layers::{
     attention_mask, last_position, positions, Attention, DenseMlp, RotaryEmbedding,
 };
 use candle_core::{DType, Device, Module, Tensor};
-use candle_moe::{Activation, FusedMoeConfig, SparseMoeBlock};
+use candle_moe::dist::{Communicator, NaiveEpPrepareAndFinalize};
+use candle_moe::{Activation, EpConfig, FusedMoeConfig, SparseMoeBlock};
 use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 enum Mlp {
@@ -45,10 +47,34 @@ pub fn moe_config(cfg: &QwenMoeConfig) -> Result<FusedMoeConfig> {
     Ok(m)
 }
 
+/// How a model is loaded beyond its config.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Hold the routed experts in this dtype (see `FusedMoeConfig::expert_dtype`).
+    pub expert_dtype: Option<DType>,
+    /// Expert parallelism: this rank's place and the group's communicator.
+    /// Each rank loads only its experts; dense weights are replicated.
+    pub ep: Option<(EpConfig, Arc<dyn Communicator>)>,
+}
+
 impl DecoderLayer {
-    fn new(cfg: &QwenMoeConfig, moe: &FusedMoeConfig, i: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &QwenMoeConfig,
+        moe: &FusedMoeConfig,
+        opts: &LoadOptions,
+        i: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let mlp = if cfg.is_moe_layer(i) {
-            Mlp::Moe(Box::new(SparseMoeBlock::new(moe, vb.pp("mlp"))?))
+            let block = match &opts.ep {
+                None => SparseMoeBlock::new(moe, vb.pp("mlp"))?,
+                Some((_, comm)) => SparseMoeBlock::with_prepare_finalize(
+                    moe,
+                    vb.pp("mlp"),
+                    Arc::new(NaiveEpPrepareAndFinalize::new(comm.clone())),
+                )?,
+            };
+            Mlp::Moe(Box::new(block))
         } else {
             Mlp::Dense(DenseMlp::new(
                 cfg.hidden_size,
@@ -116,12 +142,31 @@ impl QwenMoeForCausalLM {
         vb: VarBuilder,
         expert_dtype: Option<DType>,
     ) -> Result<Self> {
+        Self::new_with_options(
+            cfg,
+            vb,
+            &LoadOptions {
+                expert_dtype,
+                ep: None,
+            },
+        )
+    }
+
+    /// As `new`, with [`LoadOptions`] (expert dtype, expert parallelism).
+    pub fn new_with_options(
+        cfg: &QwenMoeConfig,
+        vb: VarBuilder,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
         let mut moe = moe_config(cfg)?;
-        moe.expert_dtype = expert_dtype;
+        moe.expert_dtype = opts.expert_dtype;
+        if let Some((ep, _)) = &opts.ep {
+            moe.ep = ep.clone();
+        }
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, &moe, i, m.pp("layers").pp(i)))
+            .map(|i| DecoderLayer::new(cfg, &moe, opts, i, m.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), None)
