@@ -11,9 +11,14 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
-use candle_moe_models::{generate, Checkpoint, QwenMoeForCausalLM, Sampler, SamplingParams};
+use candle_moe::dist::{Communicator, ThreadComm, ThreadWorld};
+use candle_moe::{EpConfig, PlacementStrategy};
+use candle_moe_models::{
+    generate, Checkpoint, LoadOptions, QwenMoeForCausalLM, Sampler, SamplingParams,
+};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 mod common;
 use common::{device, expert_dtype, parse_dtype, resolve};
@@ -23,7 +28,7 @@ const HELP: &str =
     "options: --model DIR|HUB_ID [--revision REV] [--prompt TEXT | --prompt-ids 1,2,3] [--chat]
   [--max-new-tokens N (64)] [--temperature T (0 = greedy)] [--top-p P] [--top-k K] [--seed S]
   [--repeat-penalty R (1.0)] [--dtype f32|bf16|f16] [--expert-dtype f32|bf16|f16]
-  [--device cpu|cuda[:N]] [--json]
+  [--device cpu|cuda[:N]] [--ep-size N] [--ep-placement linear|round_robin] [--json]
   --dtype defaults to f32 on cpu, bf16 on cuda; --expert-dtype to the checkpoint's bf16/f16
   when computing in f32 (exact, half the expert memory), else to --dtype";
 
@@ -38,6 +43,8 @@ struct Args {
     dtype: Option<DType>,
     expert_dtype: Option<String>,
     device: String,
+    ep_size: usize,
+    ep_placement: PlacementStrategy,
     json: bool,
 }
 
@@ -53,6 +60,8 @@ fn parse() -> Result<Args> {
         dtype: None,
         expert_dtype: None,
         device: "cpu".into(),
+        ep_size: 1,
+        ep_placement: PlacementStrategy::Linear,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -89,6 +98,8 @@ fn parse() -> Result<Args> {
             }
             "--dtype" => a.dtype = Some(parse_dtype(&val()?)?),
             "--expert-dtype" => a.expert_dtype = Some(val()?),
+            "--ep-size" => a.ep_size = val()?.parse().context("--ep-size")?,
+            "--ep-placement" => a.ep_placement = val()?.parse()?,
             "--device" => a.device = val()?,
             "-h" | "--help" => {
                 println!("{HELP}");
@@ -113,22 +124,6 @@ fn main() -> Result<()> {
         DType::BF16
     });
     let ck = Checkpoint::open(&dir)?;
-    let t = std::time::Instant::now();
-    let edt = expert_dtype(
-        args.expert_dtype.as_deref(),
-        ck.config.stored_dtype(),
-        dtype,
-    )?;
-    let mut model =
-        QwenMoeForCausalLM::new_with_expert_dtype(&ck.config, ck.var_builder(dtype, &dev)?, edt)?;
-    eprintln!(
-        "loaded {} ({:?}, {dtype:?}, experts {:?}) in {:.2}s",
-        dir.display(),
-        ck.config.arch,
-        edt.unwrap_or(dtype),
-        t.elapsed().as_secs_f64()
-    );
-
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.is_file() {
         Some(
@@ -171,22 +166,113 @@ fn main() -> Result<()> {
         );
     }
 
+    let edt = expert_dtype(
+        args.expert_dtype.as_deref(),
+        ck.config.stored_dtype(),
+        dtype,
+    )?;
+    if args.ep_size > 1 && !dev.is_cpu() {
+        bail!("--ep-size > 1 runs ranks as CPU threads; multi-GPU expert parallelism needs NCCL (not built yet)");
+    }
+    // expert parallelism: ranks 1.. run on threads in lock step with rank 0,
+    // which prints; each rank loads only its experts
+    let mut comms: Vec<Option<ThreadComm>> = if args.ep_size > 1 {
+        ThreadWorld::new(args.ep_size)
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        vec![None]
+    };
+    let load = |comm: Option<ThreadComm>| -> Result<QwenMoeForCausalLM> {
+        let ep = comm.map(|c| {
+            let cfg = EpConfig::new(args.ep_size, c.rank(), args.ep_placement);
+            (cfg, Arc::new(c) as Arc<dyn Communicator>)
+        });
+        let opts = LoadOptions {
+            expert_dtype: edt,
+            ep,
+        };
+        Ok(QwenMoeForCausalLM::new_with_options(
+            &ck.config,
+            ck.var_builder(dtype, &dev)?,
+            &opts,
+        )?)
+    };
+    let t = std::time::Instant::now();
+    let rank0 = comms.remove(0);
+    std::thread::scope(|s| -> Result<()> {
+        let followers: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (load, prompt_ids, args, ck, dev) = (&load, &prompt_ids, &args, &ck, &dev);
+                s.spawn(move || -> Result<()> {
+                    let mut m = load(comm)?;
+                    let mut sampler = Sampler::new(args.sampling.clone());
+                    generate(
+                        &mut m,
+                        prompt_ids,
+                        args.max_new_tokens,
+                        &mut sampler,
+                        &ck.eos_token_ids,
+                        dev,
+                        |_| true,
+                    )?;
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut model = load(rank0)?;
+        eprintln!(
+            "loaded {} ({:?}, {dtype:?}, experts {:?}, ep {} {}) in {:.2}s",
+            dir.display(),
+            ck.config.arch,
+            edt.unwrap_or(dtype),
+            args.ep_size,
+            args.ep_placement,
+            t.elapsed().as_secs_f64()
+        );
+        run(
+            &args,
+            &mut model,
+            &ck,
+            tokenizer.as_ref(),
+            &prompt_ids,
+            &dev,
+        )?;
+        for f in followers {
+            f.join()
+                .map_err(|_| anyhow!("an expert-parallel rank panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// Generates on rank 0 (or the only rank), streaming and reporting.
+fn run(
+    args: &Args,
+    model: &mut QwenMoeForCausalLM,
+    ck: &Checkpoint,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    prompt_ids: &[u32],
+    dev: &candle_core::Device,
+) -> Result<()> {
     // stream: print the new suffix of the decoded text after each token
     let mut printed = String::new();
     let mut all: Vec<u32> = vec![];
     let stream = !args.json && tokenizer.is_some();
     let mut sampler = Sampler::new(args.sampling.clone());
     let out = generate(
-        &mut model,
-        &prompt_ids,
+        model,
+        prompt_ids,
         args.max_new_tokens,
         &mut sampler,
         &ck.eos_token_ids,
-        &dev,
+        dev,
         |tok| {
             if stream {
                 all.push(tok);
-                if let Some(Ok(text)) = tokenizer.as_ref().map(|t| t.decode(&all, true)) {
+                if let Some(Ok(text)) = tokenizer.map(|t| t.decode(&all, true)) {
                     if text.len() > printed.len() && text.is_char_boundary(printed.len()) {
                         print!("{}", &text[printed.len()..]);
                         let _ = std::io::stdout().flush();
