@@ -12,7 +12,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use candle_moe::dist::{Communicator, ThreadComm, ThreadWorld};
-use candle_moe::{EpConfig, PlacementStrategy};
+use candle_moe::{EpConfig, ExpertMapManager, PlacementStrategy};
 use candle_moe_models::{
     generate, Checkpoint, LoadOptions, QwenMoeForCausalLM, Sampler, SamplingParams,
 };
@@ -199,6 +199,18 @@ fn main() -> Result<()> {
             &opts,
         )?)
     };
+    if args.ep_size > 1 {
+        let cfg = EpConfig::new(args.ep_size, 0, args.ep_placement);
+        let mgr = ExpertMapManager::new(
+            ck.config.num_experts,
+            ck.config.num_experts_per_tok,
+            cfg,
+            &dev,
+        )?;
+        if let Some(why) = mgr.fallback_reason() {
+            eprintln!("note: {why}");
+        }
+    }
     let t = std::time::Instant::now();
     let rank0 = comms.remove(0);
     std::thread::scope(|s| -> Result<()> {
