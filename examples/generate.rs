@@ -219,39 +219,57 @@ fn main() -> Result<()> {
             .map(|comm| {
                 let (load, prompt_ids, args, ck, dev) = (&load, &prompt_ids, &args, &ck, &dev);
                 s.spawn(move || -> Result<()> {
-                    let mut m = load(comm)?;
-                    let mut sampler = Sampler::new(args.sampling.clone());
-                    generate(
-                        &mut m,
-                        prompt_ids,
-                        args.max_new_tokens,
-                        &mut sampler,
-                        &ck.eos_token_ids,
-                        dev,
-                        |_| true,
-                    )?;
-                    Ok(())
+                    let guard = comm.clone();
+                    let r = (|| -> Result<()> {
+                        let mut m = load(comm)?;
+                        let mut sampler = Sampler::new(args.sampling.clone());
+                        generate(
+                            &mut m,
+                            prompt_ids,
+                            args.max_new_tokens,
+                            &mut sampler,
+                            &ck.eos_token_ids,
+                            dev,
+                            |_| true,
+                        )?;
+                        Ok(())
+                    })();
+                    if r.is_err() {
+                        // wake the other ranks instead of leaving them at a barrier
+                        guard.iter().for_each(ThreadComm::poison);
+                    }
+                    r
                 })
             })
             .collect();
-        let mut model = load(rank0)?;
-        eprintln!(
-            "loaded {} ({:?}, {dtype:?}, experts {:?}, ep {} {}) in {:.2}s",
-            dir.display(),
-            ck.config.arch,
-            edt.unwrap_or(dtype),
-            args.ep_size,
-            args.ep_placement,
-            t.elapsed().as_secs_f64()
-        );
-        run(
-            &args,
-            &mut model,
-            &ck,
-            tokenizer.as_ref(),
-            &prompt_ids,
-            &dev,
-        )?;
+        let guard = rank0.clone();
+        let poison_on_err = |r: Result<()>| {
+            if r.is_err() {
+                guard.iter().for_each(ThreadComm::poison);
+            }
+            r
+        };
+        poison_on_err((|| -> Result<()> {
+            let mut model = load(rank0)?;
+            eprintln!(
+                "loaded {} ({:?}, {dtype:?}, experts {:?}, ep {} {}) in {:.2}s",
+                dir.display(),
+                ck.config.arch,
+                edt.unwrap_or(dtype),
+                args.ep_size,
+                args.ep_placement,
+                t.elapsed().as_secs_f64()
+            );
+            run(
+                &args,
+                &mut model,
+                &ck,
+                tokenizer.as_ref(),
+                &prompt_ids,
+                &dev,
+            )?;
+            Ok(())
+        })())?;
         for f in followers {
             f.join()
                 .map_err(|_| anyhow!("an expert-parallel rank panicked"))??;

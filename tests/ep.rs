@@ -240,3 +240,29 @@ fn update_from_two_to_four_ranks_reloads_experts() {
         assert!(err <= 1e-5 * mag, "rank {rank}: err {err}");
     }
 }
+
+#[test]
+fn a_failed_rank_poisons_the_world_instead_of_hanging() {
+    use candle_moe::dist::Communicator;
+    let comms = ThreadWorld::new(3);
+    let t = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    let errs: Vec<bool> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let t = t.clone();
+                s.spawn(move || {
+                    // one clean collective, then rank 2 gives up
+                    c.all_gather_v(&t).unwrap();
+                    if c.rank() == 2 {
+                        c.poison();
+                        return true;
+                    }
+                    c.all_gather_v(&t).is_err()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(errs, vec![true, true, true]);
+}

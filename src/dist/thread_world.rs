@@ -3,7 +3,47 @@
 
 use super::Communicator;
 use candle_core::{bail, Result, Tensor};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// A reusable barrier that can be poisoned: when one rank fails, the others
+/// get an error at their next collective instead of waiting forever.
+#[derive(Debug, Default)]
+struct Barrier {
+    state: Mutex<(usize, u64, bool)>, // (arrived, generation, poisoned)
+    cv: Condvar,
+}
+
+impl Barrier {
+    fn wait(&self, n: usize) -> Result<()> {
+        let lock_err = || candle_core::Error::Msg("expert-parallel world: a rank panicked".into());
+        let mut st = self.state.lock().map_err(|_| lock_err())?;
+        if st.2 {
+            bail!("expert-parallel world poisoned: another rank failed")
+        }
+        let gen = st.1;
+        st.0 += 1;
+        if st.0 == n {
+            st.0 = 0;
+            st.1 += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while st.1 == gen && !st.2 {
+            st = self.cv.wait(st).map_err(|_| lock_err())?;
+        }
+        if st.1 == gen {
+            bail!("expert-parallel world poisoned: another rank failed")
+        }
+        Ok(())
+    }
+
+    fn poison(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.2 = true;
+        }
+        self.cv.notify_all();
+    }
+}
 
 #[derive(Debug)]
 struct Shared {
@@ -20,7 +60,7 @@ impl ThreadWorld {
     pub fn new(size: usize) -> Vec<ThreadComm> {
         let shared = Arc::new(Shared {
             size,
-            barrier: Barrier::new(size.max(1)),
+            barrier: Barrier::default(),
             slots: Mutex::new(vec![None; size]),
         });
         (0..size)
@@ -40,6 +80,12 @@ pub struct ThreadComm {
 }
 
 impl ThreadComm {
+    /// Marks the world failed: every rank waiting in (or entering) a
+    /// collective gets an error. Call it when this rank cannot go on.
+    pub fn poison(&self) {
+        self.shared.barrier.poison();
+    }
+
     /// Publishes `t`, waits for all ranks, reads every slot, waits again so
     /// the slots can be reused by the next collective.
     fn exchange(&self, t: &Tensor) -> Result<Vec<Tensor>> {
@@ -51,14 +97,14 @@ impl ThreadComm {
                 .map_err(|_| candle_core::Error::Msg("rank panicked".into()))?;
             s[self.rank] = Some(t.clone());
         }
-        self.shared.barrier.wait();
+        self.shared.barrier.wait(self.shared.size)?;
         let all: Vec<Option<Tensor>> = self
             .shared
             .slots
             .lock()
             .map_err(|_| candle_core::Error::Msg("rank panicked".into()))?
             .clone();
-        self.shared.barrier.wait();
+        self.shared.barrier.wait(self.shared.size)?;
         all.into_iter()
             .enumerate()
             .map(|(r, t)| {
@@ -97,7 +143,6 @@ impl Communicator for ThreadComm {
         Ok(acc)
     }
     fn barrier(&self) -> Result<()> {
-        self.shared.barrier.wait();
-        Ok(())
+        self.shared.barrier.wait(self.shared.size)
     }
 }
