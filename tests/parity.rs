@@ -84,6 +84,26 @@ fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// Greedy tokens after `first` (the argmax of the prompt's last logits),
+/// `n` in all, feeding one token at a time through the KV cache.
+fn continue_greedy(m: &mut QwenMoeForCausalLM, first: u32, n: usize) -> Vec<u32> {
+    let mut next = first;
+    let mut got = vec![next];
+    while got.len() < n {
+        let x = Tensor::new(&[[next]], &Device::Cpu).unwrap();
+        let l = m
+            .forward(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        next = argmax(&l);
+        got.push(next);
+    }
+    got
+}
+
 fn assert_close(got: &[f32], want: &[f32], ctx: &str) {
     assert_eq!(got.len(), want.len(), "{ctx}");
     assert!(
@@ -138,20 +158,7 @@ fn single_sequence_matches_transformers() {
             for (p, (g, w)) in logits.iter().zip(&c.logits).enumerate() {
                 assert_close(g, w, &format!("{name} case {ci} position {p}"));
             }
-            let mut next = argmax(logits.last().unwrap());
-            let mut got = vec![next];
-            while got.len() < c.generated.len() {
-                let x = Tensor::new(&[[next]], &Device::Cpu).unwrap();
-                let l = m
-                    .forward(&x, true)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                next = argmax(&l);
-                got.push(next);
-            }
+            let got = continue_greedy(&mut m, argmax(logits.last().unwrap()), c.generated.len());
             total += check_generation(&got, c, &format!("{name} case {ci}"));
         }
         assert!(
@@ -326,20 +333,7 @@ fn expert_parallel_model_matches_transformers() {
                             .unwrap()
                             .to_vec1::<f32>()
                             .unwrap();
-                        let mut next = argmax(&logits);
-                        let mut gen = vec![next];
-                        while gen.len() < n {
-                            let x = Tensor::new(&[[next]], &Device::Cpu).unwrap();
-                            let l = m
-                                .forward(&x, true)
-                                .unwrap()
-                                .flatten_all()
-                                .unwrap()
-                                .to_vec1::<f32>()
-                                .unwrap();
-                            next = argmax(&l);
-                            gen.push(next);
-                        }
+                        let gen = continue_greedy(&mut m, argmax(&logits), n);
                         (logits, gen)
                     })
                 })
