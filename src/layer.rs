@@ -363,12 +363,7 @@ pub struct SparseMoeBlock {
 
 impl SparseMoeBlock {
     pub fn new(cfg: &FusedMoeConfig, vb: VarBuilder) -> Result<Self> {
-        let gate = linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))
-            .map_err(|e| MoeError::weight(format!("{}.gate.weight", vb.prefix()), e.to_string()))?;
-        Ok(Self {
-            gate,
-            moe: FusedMoe::new(cfg, vb)?,
-        })
+        Self::with_prepare_finalize(cfg, vb, Arc::new(LocalPrepareAndFinalize))
     }
 
     /// As `new`, with the routed experts behind `prepare_finalize` (e.g. the

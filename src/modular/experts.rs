@@ -94,11 +94,13 @@ impl GroupedGemmExperts {
                 w2.dims()
             )
         }
+        // biases stay f32: the kernels add them in f32, with no per-call conversion
+        let f32 = |b: Option<Tensor>| b.map(|b| b.to_dtype(candle_core::DType::F32)).transpose();
         Ok(Self {
             w13,
             w2,
-            w13_bias,
-            w2_bias,
+            w13_bias: f32(w13_bias)?,
+            w2_bias: f32(w2_bias)?,
             activation,
         })
     }

@@ -86,7 +86,23 @@ fn segments(
     Ok(segs)
 }
 
-fn f32_field(t: &Option<Tensor>, what: &str, len: usize) -> Result<Option<Vec<f32>>> {
+/// The f32 slice behind a held storage guard.
+fn slice<'a, G: std::ops::Deref<Target = Storage>>(
+    g: &'a Option<(G, &Layout)>,
+    what: &str,
+) -> Result<Option<&'a [f32]>> {
+    match g {
+        None => Ok(None),
+        Some((st, l)) => match &**st {
+            Storage::Cpu(c) => Ok(Some(contiguous::<f32>(c, l, what)?)),
+            _ => bail!("grouped gemm: {what} must be on the cpu"),
+        },
+    }
+}
+
+/// An optional operand as a flat, contiguous f32 cpu tensor: a cheap handle
+/// (no copy) when it already is one, as the experts keep their biases.
+fn f32_field(t: &Option<Tensor>, what: &str, len: usize) -> Result<Option<Tensor>> {
     let Some(t) = t else { return Ok(None) };
     if t.elem_count() != len {
         bail!(
@@ -94,12 +110,10 @@ fn f32_field(t: &Option<Tensor>, what: &str, len: usize) -> Result<Option<Vec<f3
             t.elem_count()
         )
     }
-    let t = t.to_dtype(DType::F32)?.flatten_all()?;
-    let (st, l) = t.storage_and_layout();
-    match &*st {
-        Storage::Cpu(c) => Ok(Some(contiguous::<f32>(c, l, what)?.to_vec())),
-        _ => bail!("grouped gemm: {what} must be on the cpu like the activations"),
+    if !t.device().is_cpu() {
+        bail!("grouped gemm: {what} must be on the cpu like the activations")
     }
+    Ok(Some(t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?))
 }
 
 impl GroupedGemm {
@@ -117,8 +131,12 @@ impl GroupedGemm {
         let l = &self.layout;
         let row_div = self.args.row_div.max(1);
         let segs = segments(buf, l, num_a_rows, row_div, e_local)?;
-        let bias = f32_field(&self.args.bias, "bias", e_local * n)?;
-        let weights = f32_field(&self.args.topk_weights, "topk weights", l.numel)?;
+        let bias_t = f32_field(&self.args.bias, "bias", e_local * n)?;
+        let weights_t = f32_field(&self.args.topk_weights, "topk weights", l.numel)?;
+        let bias_g = bias_t.as_ref().map(|t| t.storage_and_layout());
+        let weights_g = weights_t.as_ref().map(|t| t.storage_and_layout());
+        let bias = slice(&bias_g, "bias")?;
+        let weights = slice(&weights_g, "topk weights")?;
         let mut out = vec![0f32; l.numel * n];
         let out_ptr = SendPtr(out.as_mut_ptr());
         // work items: (segment, row chunk, column tile)
@@ -169,11 +187,11 @@ impl GroupedGemm {
             }
             for (&s, &c) in rows.iter().zip(&cp) {
                 let c = unsafe { std::slice::from_raw_parts_mut(c, n1 - n0) };
-                if let Some(b) = &bias {
+                if let Some(b) = bias {
                     let b = &b[seg.expert * n + n0..seg.expert * n + n1];
                     c.iter_mut().zip(b).for_each(|(c, b)| *c += b);
                 }
-                if let Some(wt) = &weights {
+                if let Some(wt) = weights {
                     let wt = wt[s as usize];
                     c.iter_mut().for_each(|c| *c *= wt);
                 }
