@@ -254,14 +254,16 @@ fn checkpoint_errors_name_file_and_tensor() {
     let st = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut st2 = st.clone();
     st2.remove("model.layers.1.mlp.experts.5.up_proj.weight");
-    candle_core::safetensors::save(&st2, tmp.join("model.safetensors")).unwrap();
-    let ck = Checkpoint::open(&tmp).unwrap();
-    let e = QwenMoeForCausalLM::new(
-        &ck.config,
-        ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
-    )
-    .unwrap_err()
-    .to_string();
+    // writes `tensors` as the checkpoint and returns the model's load error
+    let load_err = |tensors: &std::collections::HashMap<String, Tensor>| {
+        candle_core::safetensors::save(tensors, tmp.join("model.safetensors")).unwrap();
+        let ck = Checkpoint::open(&tmp).unwrap();
+        let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
+        QwenMoeForCausalLM::new(&ck.config, vb)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = load_err(&st2);
     assert!(
         e.contains("model.layers.1.mlp.experts.5.up_proj.weight"),
         "{e}"
@@ -272,14 +274,7 @@ fn checkpoint_errors_name_file_and_tensor() {
         "model.layers.0.self_attn.q_norm.weight".into(),
         Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
     );
-    candle_core::safetensors::save(&st3, tmp.join("model.safetensors")).unwrap();
-    let ck = Checkpoint::open(&tmp).unwrap();
-    let e = QwenMoeForCausalLM::new(
-        &ck.config,
-        ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = load_err(&st3);
     assert!(
         e.contains("q_norm.weight") && e.contains("model.safetensors") && e.contains("[7]"),
         "{e}"
