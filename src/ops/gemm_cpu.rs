@@ -116,10 +116,10 @@ impl WeightElem for f16 {
 
 /// Rows handled by the skinny kernel at most.
 pub const SKINNY_MAX_ROWS: usize = 3;
-const MR: usize = 6;
-const NR: usize = 16;
+pub(crate) const MR: usize = 6;
+pub(crate) const NR: usize = 16;
 /// K block of the packed kernel: a 16 × 256 f32 panel is 16 KiB (half an L1).
-const KC: usize = 256;
+pub(crate) const KC: usize = 256;
 
 pub fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -181,13 +181,13 @@ unsafe fn portable<W: WeightElem>(t: &Tile<'_, W>) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -282,7 +282,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    pub(crate) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         let t0 = _mm256_unpacklo_ps(r[0], r[1]);
         let t1 = _mm256_unpackhi_ps(r[0], r[1]);
         let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -395,7 +395,7 @@ mod avx2 {
     /// `ns` columns are stored.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel_6x16(
+    pub(crate) unsafe fn kernel_6x16(
         a: [*const f32; MR],
         panel: &[f32],
         kc: usize,

@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod align;
 pub mod gemm_cpu;
+pub mod gemm_quant_cpu;
 pub mod grouped_gemm;
 pub mod reduce;
 pub mod topk;

@@ -1,6 +1,8 @@
 //! Quant methods: what an MoE layer loads from a checkpoint, how it repacks
 //! it, and which [`Experts`] implementation computes with it.
 
+pub mod fp8_codec;
+pub mod mxfp4_codec;
 pub mod unquantized;
 
 pub use unquantized::Unquantized;
