@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 mod common;
-use common::{device, expert_dtype, parse_dtype, resolve};
+use common::{device, expert_dtype, parse_dtype, quant_scheme, resolve};
 
 const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-qwen2-moe");
 const HELP: &str =
@@ -29,6 +29,7 @@ const HELP: &str =
   [--max-new-tokens N (64)] [--temperature T (0 = greedy)] [--top-p P] [--top-k K] [--seed S]
   [--repeat-penalty R (1.0)] [--dtype f32|bf16|f16] [--expert-dtype f32|bf16|f16]
   [--device cpu|cuda[:N]] [--ep-size N] [--ep-placement linear|round_robin] [--json]
+  [--quant fp8|mxfp4] (quantize a float checkpoint's experts while loading)
   --dtype defaults to f32 on cpu, bf16 on cuda; --expert-dtype to the checkpoint's bf16/f16
   when computing in f32 (exact, half the expert memory), else to --dtype";
 
@@ -42,6 +43,7 @@ struct Args {
     sampling: SamplingParams,
     dtype: Option<DType>,
     expert_dtype: Option<String>,
+    quant: Option<String>,
     device: String,
     ep_size: usize,
     ep_placement: PlacementStrategy,
@@ -59,6 +61,7 @@ fn parse() -> Result<Args> {
         sampling: SamplingParams::default(),
         dtype: None,
         expert_dtype: None,
+        quant: None,
         device: "cpu".into(),
         ep_size: 1,
         ep_placement: PlacementStrategy::Linear,
@@ -98,6 +101,7 @@ fn parse() -> Result<Args> {
             }
             "--dtype" => a.dtype = Some(parse_dtype(&val()?)?),
             "--expert-dtype" => a.expert_dtype = Some(val()?),
+            "--quant" => a.quant = Some(val()?),
             "--ep-size" => a.ep_size = val()?.parse().context("--ep-size")?,
             "--ep-placement" => a.ep_placement = val()?.parse()?,
             "--device" => a.device = val()?,
@@ -184,6 +188,7 @@ fn main() -> Result<()> {
     } else {
         vec![None]
     };
+    let quant = quant_scheme(args.quant.as_deref())?;
     let load = |comm: Option<ThreadComm>| -> Result<QwenMoeForCausalLM> {
         let ep = comm.map(|c| {
             let cfg = EpConfig::new(args.ep_size, c.rank(), args.ep_placement);
@@ -192,6 +197,7 @@ fn main() -> Result<()> {
         let opts = LoadOptions {
             expert_dtype: edt,
             ep,
+            quant: quant.clone(),
         };
         Ok(QwenMoeForCausalLM::new_with_options(
             &ck.config,

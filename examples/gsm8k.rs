@@ -11,12 +11,12 @@
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use candle_moe_models::gsm8k::{evaluate, load_jsonl, EvalOptions, TextCodec};
-use candle_moe_models::{Checkpoint, ModelError, QwenMoeForCausalLM};
+use candle_moe_models::{Checkpoint, LoadOptions, ModelError, QwenMoeForCausalLM};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{device, expert_dtype, parse_dtype, resolve};
+use common::{device, expert_dtype, parse_dtype, quant_scheme, resolve};
 
 const DATA_URL: &str =
     "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data";
@@ -99,9 +99,7 @@ fn main() -> Result<()> {
     let num = |k: &str, d: usize| -> Result<usize> {
         get(k).map_or(Ok(d), |v| v.parse().with_context(|| k.to_string()))
     };
-    if let Some(q) = get("--quant") {
-        bail!("--quant {q}: on-load quantization is not available yet (FP8/MXFP4 backends are a separate issue)");
-    }
+    let quant = quant_scheme(get("--quant"))?;
     let model = get("--model").ok_or_else(|| anyhow!("--model is required"))?;
     let dir = resolve(model, get("--revision").unwrap_or("main"))?;
     let dev = device(get("--device").unwrap_or("cpu"))?;
@@ -128,8 +126,13 @@ fn main() -> Result<()> {
             .map_err(|e| anyhow!("{}: {e}", tok_path.display()))?,
     );
     let edt = expert_dtype(get("--expert-dtype"), ck.config.stored_dtype(), dtype)?;
+    let opts = LoadOptions {
+        expert_dtype: edt,
+        quant,
+        ..Default::default()
+    };
     let mut m =
-        QwenMoeForCausalLM::new_with_expert_dtype(&ck.config, ck.var_builder(dtype, &dev)?, edt)?;
+        QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dtype, &dev)?, &opts)?;
     let opts = EvalOptions {
         num_fewshot: num("--num-fewshot", 5)?,
         batch_size: num("--batch-size", 8)?,

@@ -8,7 +8,7 @@ use crate::modular::{
     ExpertTokensMetadata, FusedMoeKernel, LocalPrepareAndFinalize, PrepareAndFinalize,
 };
 use crate::ops::{Activation, ScoringFunc};
-use crate::quant::{ExpertLayerSpec, QuantMethod, Unquantized};
+use crate::quant::{qlinear, ExpertLayerSpec, QLinear, QuantMethod, QuantScheme, Unquantized};
 use crate::router::{Router, RouterConfig};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
@@ -43,6 +43,9 @@ pub struct FusedMoeConfig {
     /// ...gated by `sigmoid(shared_expert_gate(x))`.
     pub shared_expert_gate: bool,
     pub ep: EpConfig,
+    /// Quantized experts (and shared-expert linears) of the checkpoint, or
+    /// float experts quantized on load; `None`: float experts.
+    pub quant: Option<QuantScheme>,
 }
 
 impl FusedMoeConfig {
@@ -69,6 +72,15 @@ impl FusedMoeConfig {
             shared_expert_intermediate_size: None,
             shared_expert_gate: true,
             ep: EpConfig::default(),
+            quant: None,
+        }
+    }
+
+    /// The experts' quant method: `quant`'s, or unquantized.
+    pub fn expert_method(&self) -> Arc<dyn QuantMethod> {
+        match &self.quant {
+            Some(q) => q.expert_method(),
+            None => Arc::new(Unquantized),
         }
     }
 
@@ -107,12 +119,12 @@ impl FusedMoeConfig {
 /// A dense gated MLP (`gate_proj`, `up_proj`, `down_proj`) shared by all tokens.
 #[derive(Clone, Debug)]
 pub struct SharedExperts {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: QLinear,
+    up_proj: QLinear,
+    down_proj: QLinear,
     activation: Activation,
     /// `shared_expert_gate` (`[1, H]`): output scaled by its sigmoid.
-    gate: Option<Linear>,
+    gate: Option<QLinear>,
 }
 
 impl SharedExperts {
@@ -125,21 +137,28 @@ impl SharedExperts {
         gated: bool,
         vb: &VarBuilder,
     ) -> Result<Self> {
+        Self::new_quantized(hidden, intermediate, activation, gated, vb, None)
+    }
+
+    /// As `new`, reading quantized linears where the checkpoint has them.
+    pub fn new_quantized(
+        hidden: usize,
+        intermediate: usize,
+        activation: Activation,
+        gated: bool,
+        vb: &VarBuilder,
+        scheme: Option<&QuantScheme>,
+    ) -> Result<Self> {
         let s = vb.pp("shared_expert");
-        let lin = |i, o, name: &str| {
-            linear_no_bias(i, o, s.pp(name)).map_err(|e| {
-                MoeError::weight(format!("{}.{name}.weight", s.prefix()), e.to_string())
-            })
-        };
+        let lin = |i, o, name: &str| qlinear(i, o, false, &s.pp(name), scheme);
         let gate = if gated {
-            Some(
-                linear_no_bias(hidden, 1, vb.pp("shared_expert_gate")).map_err(|e| {
-                    MoeError::weight(
-                        format!("{}.shared_expert_gate.weight", vb.prefix()),
-                        e.to_string(),
-                    )
-                })?,
-            )
+            Some(qlinear(
+                hidden,
+                1,
+                false,
+                &vb.pp("shared_expert_gate"),
+                scheme,
+            )?)
         } else {
             None
         };
@@ -181,14 +200,15 @@ pub struct FusedMoe {
 }
 
 impl FusedMoe {
-    /// Unquantized experts from `vb` (the MoE block prefix, e.g.
-    /// `model.layers.3.mlp`): `experts.{e}.{gate,up,down}_proj.weight` or the
-    /// fused `experts.gate_up_proj` / `experts.down_proj`.
+    /// Experts from `vb` (the MoE block prefix, e.g. `model.layers.3.mlp`):
+    /// `experts.{e}.{gate,up,down}_proj.weight` or the fused
+    /// `experts.gate_up_proj` / `experts.down_proj`, or the quantized tensors
+    /// of `cfg.quant`.
     pub fn new(cfg: &FusedMoeConfig, vb: VarBuilder) -> Result<Self> {
         Self::with_quant(
             cfg,
             vb,
-            Arc::new(Unquantized),
+            cfg.expert_method(),
             Arc::new(LocalPrepareAndFinalize),
         )
     }
@@ -223,12 +243,13 @@ impl FusedMoe {
         let router = Router::new(cfg.router_config(), bias)?;
         let kernel = Self::load_kernel(cfg, &vb, &expert_map, quant.as_ref(), prepare_finalize)?;
         let shared = match cfg.shared_expert_intermediate_size {
-            Some(i) => Some(SharedExperts::new(
+            Some(i) => Some(SharedExperts::new_quantized(
                 cfg.hidden_size,
                 i,
                 cfg.activation,
                 cfg.shared_expert_gate,
                 &vb,
+                cfg.quant.as_ref(),
             )?),
             None => None,
         };
@@ -377,7 +398,7 @@ impl SparseMoeBlock {
             .map_err(|e| MoeError::weight(format!("{}.gate.weight", vb.prefix()), e.to_string()))?;
         Ok(Self {
             gate,
-            moe: FusedMoe::with_quant(cfg, vb, Arc::new(Unquantized), prepare_finalize)?,
+            moe: FusedMoe::with_quant(cfg, vb, cfg.expert_method(), prepare_finalize)?,
         })
     }
 

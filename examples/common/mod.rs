@@ -84,3 +84,9 @@ pub fn expert_dtype(
         _ => None,
     })
 }
+
+/// `--quant fp8|mxfp4`: quantize the float experts while loading.
+pub fn quant_scheme(flag: Option<&str>) -> Result<Option<candle_moe::quant::QuantScheme>> {
+    flag.map(|q| Ok(candle_moe::quant::QuantScheme::on_load(q)?))
+        .transpose()
+}

@@ -42,6 +42,8 @@ pub struct QwenMoeConfig {
     pub bos_token_id: Option<u32>,
     /// `dtype` / `torch_dtype` as written.
     pub dtype: Option<String>,
+    /// `quantization_config` (native fp8 or compressed-tensors), if any.
+    pub quantization_config: Option<candle_moe::quant::QuantizationConfig>,
 }
 
 fn req_usize(v: &Value, key: &str) -> Result<usize> {
@@ -205,8 +207,24 @@ impl QwenMoeConfig {
                 .or_else(|| v.get("torch_dtype"))
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            quantization_config: match v.get("quantization_config") {
+                None | Some(Value::Null) => None,
+                Some(q) => Some(
+                    serde_json::from_value(q.clone())
+                        .map_err(|e| ModelError::Config(format!("quantization_config: {e}")))?,
+                ),
+            },
         };
         Ok(cfg)
+    }
+
+    /// The checkpoint's quantization scheme, if it is quantized.
+    pub fn quant_scheme(&self) -> Result<Option<candle_moe::quant::QuantScheme>> {
+        self.quantization_config
+            .as_ref()
+            .map(candle_moe::quant::QuantScheme::from_config)
+            .transpose()
+            .map_err(|e| ModelError::Config(e.to_string()))
     }
 
     /// The dtype the weights are stored in, from `dtype` / `torch_dtype`.

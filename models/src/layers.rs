@@ -4,7 +4,8 @@
 
 use crate::config::QwenMoeConfig;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear_b, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
+use candle_moe::quant::{qlinear, QLinear, QuantScheme};
+use candle_nn::{rms_norm, RmsNorm, VarBuilder};
 
 /// cos / sin tables of the non-interleaved ("rotate half") RoPE.
 #[derive(Clone, Debug)]
@@ -45,10 +46,10 @@ impl RotaryEmbedding {
 
 #[derive(Clone, Debug)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    o_proj: QLinear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     heads: usize,
@@ -58,7 +59,12 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(cfg: &QwenMoeConfig, qk_norm: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cfg: &QwenMoeConfig,
+        qk_norm: bool,
+        vb: VarBuilder,
+        quant: Option<&QuantScheme>,
+    ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let b = cfg.attention_bias;
@@ -71,10 +77,10 @@ impl Attention {
             (None, None)
         };
         Ok(Self {
-            q_proj: linear_b(h, nh * d, b, vb.pp("q_proj"))?,
-            k_proj: linear_b(h, nkv * d, b, vb.pp("k_proj"))?,
-            v_proj: linear_b(h, nkv * d, b, vb.pp("v_proj"))?,
-            o_proj: linear_no_bias(nh * d, h, vb.pp("o_proj"))?,
+            q_proj: qlinear(h, nh * d, b, &vb.pp("q_proj"), quant)?,
+            k_proj: qlinear(h, nkv * d, b, &vb.pp("k_proj"), quant)?,
+            v_proj: qlinear(h, nkv * d, b, &vb.pp("v_proj"), quant)?,
+            o_proj: qlinear(nh * d, h, false, &vb.pp("o_proj"), quant)?,
             q_norm,
             k_norm,
             heads: nh,
@@ -148,17 +154,22 @@ impl Attention {
 /// Dense gated MLP: `down(silu(gate(x)) · up(x))`.
 #[derive(Clone, Debug)]
 pub struct DenseMlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: QLinear,
+    up_proj: QLinear,
+    down_proj: QLinear,
 }
 
 impl DenseMlp {
-    pub fn new(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        hidden: usize,
+        intermediate: usize,
+        vb: VarBuilder,
+        quant: Option<&QuantScheme>,
+    ) -> Result<Self> {
         Ok(Self {
-            gate_proj: linear_no_bias(hidden, intermediate, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(hidden, intermediate, vb.pp("up_proj"))?,
-            down_proj: linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?,
+            gate_proj: qlinear(hidden, intermediate, false, &vb.pp("gate_proj"), quant)?,
+            up_proj: qlinear(hidden, intermediate, false, &vb.pp("up_proj"), quant)?,
+            down_proj: qlinear(intermediate, hidden, false, &vb.pp("down_proj"), quant)?,
         })
     }
 }

@@ -9,8 +9,26 @@ use crate::layers::{
 };
 use candle_core::{DType, Device, Module, Tensor};
 use candle_moe::dist::{Communicator, NaiveEpPrepareAndFinalize};
+use candle_moe::quant::{qlinear, QLinear, QuantScheme};
 use candle_moe::{Activation, EpConfig, FusedMoeConfig, SparseMoeBlock};
-use candle_nn::{embedding, linear_no_bias, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+
+/// The output projection: the embeddings (tied) or its own, possibly
+/// quantized, weight.
+#[derive(Clone, Debug)]
+enum QLinearOrTied {
+    Tied(Linear),
+    Own(QLinear),
+}
+
+impl Module for QLinearOrTied {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Tied(l) => l.forward(x),
+            Self::Own(l) => l.forward(x),
+        }
+    }
+}
 use std::sync::Arc;
 
 #[derive(Clone, Debug)]
@@ -55,6 +73,11 @@ pub struct LoadOptions {
     /// Expert parallelism: this rank's place and the group's communicator.
     /// Each rank loads only its experts; dense weights are replicated.
     pub ep: Option<(EpConfig, Arc<dyn Communicator>)>,
+    /// Quantize the float experts while loading (`QuantScheme::on_load`), or
+    /// override how a quantized checkpoint is computed (e.g.
+    /// `Fp8::weight_only` for W8A16). `None`: the checkpoint's own
+    /// `quantization_config`, if any.
+    pub quant: Option<QuantScheme>,
 }
 
 impl DecoderLayer {
@@ -65,6 +88,7 @@ impl DecoderLayer {
         i: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let quant = moe.quant.as_ref().filter(|q| !q.is_on_load());
         let mlp = if cfg.is_moe_layer(i) {
             let block = match &opts.ep {
                 None => SparseMoeBlock::new(moe, vb.pp("mlp"))?,
@@ -80,10 +104,11 @@ impl DecoderLayer {
                 cfg.hidden_size,
                 cfg.intermediate_size,
                 vb.pp("mlp"),
+                quant,
             )?)
         };
         Ok(Self {
-            self_attn: Attention::new(cfg, cfg.arch == Arch::Qwen3Moe, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, cfg.arch == Arch::Qwen3Moe, vb.pp("self_attn"), quant)?,
             mlp,
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             post_attention_layernorm: rms_norm(
@@ -122,7 +147,7 @@ pub struct QwenMoeForCausalLM {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: QLinearOrTied,
     rope: RotaryEmbedding,
     left_pad: Vec<usize>,
     seqlen_offset: usize,
@@ -147,7 +172,7 @@ impl QwenMoeForCausalLM {
             vb,
             &LoadOptions {
                 expert_dtype,
-                ep: None,
+                ..Default::default()
             },
         )
     }
@@ -162,6 +187,25 @@ impl QwenMoeForCausalLM {
         let embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
         let mut moe = moe_config(cfg)?;
         moe.expert_dtype = opts.expert_dtype;
+        moe.quant = match &opts.quant {
+            Some(q) if q.is_on_load() => {
+                if cfg.quantization_config.is_some() {
+                    return Err(ModelError::Config(
+                        "the checkpoint is already quantized; on-load quantization needs a float checkpoint".into(),
+                    ));
+                }
+                // quantize from the stored values, rounding as the tools do
+                // for a model of the stored dtype
+                if moe.expert_dtype.is_none() {
+                    moe.expert_dtype = cfg.stored_dtype();
+                }
+                Some(q.clone())
+            }
+            // how to read and compute the checkpoint's quantized tensors
+            // (e.g. FP8 weight-only instead of W8A8)
+            Some(q) => Some(q.clone()),
+            None => cfg.quant_scheme()?,
+        };
         if let Some((ep, _)) = &opts.ep {
             moe.ep = ep.clone();
         }
@@ -169,9 +213,16 @@ impl QwenMoeForCausalLM {
             .map(|i| DecoderLayer::new(cfg, &moe, opts, i, m.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            QLinearOrTied::Tied(Linear::new(embed_tokens.embeddings().clone(), None))
         } else {
-            linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            let q = moe.quant.as_ref().filter(|q| !q.is_on_load());
+            QLinearOrTied::Own(qlinear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                &vb.pp("lm_head"),
+                q,
+            )?)
         };
         Ok(Self {
             cfg: cfg.clone(),

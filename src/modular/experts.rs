@@ -3,7 +3,10 @@
 use super::metadata::ExpertTokensMetadata;
 use super::prepare_finalize::ActivationFormat;
 use super::weight_reduce::TopKWeightAndReduce;
-use crate::ops::{act_and_mul, grouped_gemm, moe_align_block_size, Activation, GroupedGemmArgs};
+use crate::ops::{
+    act_and_mul, fp8_group_quant_dequant, grouped_gemm, moe_align_block_size, Activation,
+    GroupedGemmArgs, WeightQuant,
+};
 use candle_core::{bail, Result, Tensor};
 
 /// Sizes of one forward: `E` local experts, `M` tokens, `N` = 2·intermediate
@@ -64,17 +67,28 @@ pub trait Experts: Send + Sync + std::fmt::Debug {
     fn apply(&self, args: &ExpertApplyArgs<'_>) -> Result<ExpertsOutput>;
 }
 
-/// Unquantized experts: align by expert → grouped GEMM (w13) → act·mul →
-/// grouped GEMM (w2). Output `[T, k, H]` f32, reduced contiguously.
+/// How the inputs of both expert GEMMs are quantized on the fly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActQuant {
+    /// Dynamic FP8 e4m3, one scale per token per `group` columns (W8A8).
+    Fp8PerTokenGroup { group: usize },
+}
+
+/// Experts as grouped GEMMs: align by expert → grouped GEMM (w13) → act·mul →
+/// grouped GEMM (w2). Output `[T, k, H]` f32, reduced contiguously. The
+/// weights are float, or FP8 / MXFP4 read in their packed form.
 #[derive(Clone, Debug)]
 pub struct GroupedGemmExperts {
-    /// `[E_local, 2I, H]`: gate rows, then up rows.
+    /// `[E_local, 2I, H]`: gate rows, then up rows (packed: see [`WeightQuant`]).
     pub w13: Tensor,
     /// `[E_local, H, I]`.
     pub w2: Tensor,
     pub w13_bias: Option<Tensor>,
     pub w2_bias: Option<Tensor>,
     pub activation: Activation,
+    pub w13_quant: Option<WeightQuant>,
+    pub w2_quant: Option<WeightQuant>,
+    pub act_quant: Option<ActQuant>,
 }
 
 impl GroupedGemmExperts {
@@ -85,8 +99,22 @@ impl GroupedGemmExperts {
         w2_bias: Option<Tensor>,
         activation: Activation,
     ) -> Result<Self> {
-        let (e, n2, h) = w13.dims3()?;
-        let (e2, h2, i) = w2.dims3()?;
+        Self::quantized((w13, None), (w2, None), w13_bias, w2_bias, activation, None)
+    }
+
+    /// Experts over quantized (or float, with `None`) weights.
+    pub fn quantized(
+        (w13, w13_quant): (Tensor, Option<WeightQuant>),
+        (w2, w2_quant): (Tensor, Option<WeightQuant>),
+        w13_bias: Option<Tensor>,
+        w2_bias: Option<Tensor>,
+        activation: Activation,
+        act_quant: Option<ActQuant>,
+    ) -> Result<Self> {
+        let (e, n2, kw13) = w13.dims3()?;
+        let (e2, h2, kw2) = w2.dims3()?;
+        let h = w13_quant.as_ref().map_or(kw13, |q| q.k_of(kw13));
+        let i = w2_quant.as_ref().map_or(kw2, |q| q.k_of(kw2));
         if e != e2 || h != h2 || n2 != 2 * i {
             bail!(
                 "expert weights disagree: w13 {:?}, w2 {:?}",
@@ -102,7 +130,22 @@ impl GroupedGemmExperts {
             w13_bias: f32(w13_bias)?,
             w2_bias: f32(w2_bias)?,
             activation,
+            w13_quant,
+            w2_quant,
+            act_quant,
         })
+    }
+
+    fn hidden_size(&self) -> usize {
+        let kw = self.w13.dims().last().copied().unwrap_or(0);
+        self.w13_quant.as_ref().map_or(kw, |q| q.k_of(kw))
+    }
+
+    fn quantize_input(&self, x: &Tensor) -> Result<Tensor> {
+        match self.act_quant {
+            None => Ok(x.clone()),
+            Some(ActQuant::Fp8PerTokenGroup { group }) => fp8_group_quant_dequant(x, group),
+        }
     }
 
     /// Rows per align block. The CPU GEMM merges the blocks of an expert, so
@@ -114,7 +157,12 @@ impl GroupedGemmExperts {
 
 impl Experts for GroupedGemmExperts {
     fn name(&self) -> &'static str {
-        "grouped-gemm"
+        match (&self.w13_quant, self.act_quant) {
+            (None, _) => "grouped-gemm",
+            (Some(WeightQuant::Fp8 { .. }), Some(_)) => "grouped-gemm-fp8-w8a8",
+            (Some(WeightQuant::Fp8 { .. }), None) => "grouped-gemm-fp8-w8a16",
+            (Some(WeightQuant::Mxfp4 { .. }), _) => "grouped-gemm-mxfp4-w4a16",
+        }
     }
     fn activation_format(&self) -> ActivationFormat {
         ActivationFormat::Standard
@@ -128,6 +176,8 @@ impl Experts for GroupedGemmExperts {
             Some(&self.w2),
             self.w13_bias.as_ref(),
             self.w2_bias.as_ref(),
+            self.w13_quant.as_ref().map(|q| q.scales()),
+            self.w2_quant.as_ref().map(|q| q.scales()),
         ]
         .into_iter()
         .flatten()
@@ -140,7 +190,8 @@ impl Experts for GroupedGemmExperts {
         if mi != m {
             bail!("{m} tokens but {mi} rows of topk ids")
         }
-        let (e, n, kw) = self.w13.dims3()?;
+        let (e, n, _) = self.w13.dims3()?;
+        let kw = self.hidden_size();
         if kw != k {
             bail!("hidden size {k} does not match the experts' {kw}")
         }
@@ -180,17 +231,19 @@ impl Experts for GroupedGemmExperts {
             Some(m) => m.clone(),
             None => ExpertTokensMetadata::from_device(routing.expert_num_tokens.clone())?,
         };
+        let a1 = self.quantize_input(args.hidden_states)?;
         let c1 = grouped_gemm(
-            args.hidden_states,
+            &a1,
             &self.w13,
             &routing,
             GroupedGemmArgs {
                 row_div: p.top_k,
                 bias: self.w13_bias.clone(),
                 topk_weights: None,
+                quant: self.w13_quant.clone(),
             },
         )?;
-        let c2 = act_and_mul(&c1, self.activation)?;
+        let c2 = self.quantize_input(&act_and_mul(&c1, self.activation)?)?;
         let c3 = grouped_gemm(
             &c2,
             &self.w2,
@@ -199,6 +252,7 @@ impl Experts for GroupedGemmExperts {
                 row_div: 1,
                 bias: self.w2_bias.clone(),
                 topk_weights: None,
+                quant: self.w2_quant.clone(),
             },
         )?;
         Ok(ExpertsOutput {

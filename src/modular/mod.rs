@@ -9,7 +9,9 @@ pub mod metadata;
 pub mod prepare_finalize;
 pub mod weight_reduce;
 
-pub use experts::{ExpertApplyArgs, Experts, GroupedGemmExperts, ProblemSize, WorkspaceShapes};
+pub use experts::{
+    ActQuant, ExpertApplyArgs, Experts, GroupedGemmExperts, ProblemSize, WorkspaceShapes,
+};
 pub use kernel::FusedMoeKernel;
 pub use metadata::ExpertTokensMetadata;
 pub use prepare_finalize::{

@@ -8,7 +8,9 @@
 
 use super::align::{AlignLayout, AlignedRouting, NON_LOCAL_EXPERT};
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
+use super::gemm_quant_cpu::{check_qmat, qgemm_tile, QMat, QTile};
 use super::{contiguous, SendPtr};
+use crate::quant::mxfp4_codec::MX_GROUP;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
@@ -24,6 +26,38 @@ pub struct GroupedGemmArgs {
     pub bias: Option<Tensor>,
     /// `[numel]` (or `[T, k]`) F32 routing weights multiplied into each row.
     pub topk_weights: Option<Tensor>,
+    /// Set when `w` holds quantized weights (read packed, never dequantized
+    /// as a whole).
+    pub quant: Option<WeightQuant>,
+}
+
+/// The format of quantized expert weights and their scales.
+#[derive(Clone, Debug)]
+pub enum WeightQuant {
+    /// `w`: e4m3 bytes (U8 or F8E4M3) `[E, N, K]`; `scales`: F32
+    /// `[E, ceil(N/bn), ceil(K/bk)]` with `block = (bn, bk)`.
+    Fp8 {
+        scales: Tensor,
+        block: (usize, usize),
+    },
+    /// `w`: U8 `[E, N, K/2]` (two e2m1 per byte, low nibble first);
+    /// `scales`: U8 e8m0 `[E, N, K/32]`.
+    Mxfp4 { scales: Tensor },
+}
+
+impl WeightQuant {
+    pub fn scales(&self) -> &Tensor {
+        match self {
+            Self::Fp8 { scales, .. } | Self::Mxfp4 { scales } => scales,
+        }
+    }
+    /// K of a weight tensor whose last dimension is `kw`.
+    pub fn k_of(&self, kw: usize) -> usize {
+        match self {
+            Self::Fp8 { .. } => kw,
+            Self::Mxfp4 { .. } => 2 * kw,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -116,18 +150,24 @@ fn f32_field(t: &Option<Tensor>, what: &str, len: usize) -> Result<Option<Tensor
     Ok(Some(t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?))
 }
 
+/// A tile of one expert: activation rows, output rows, columns `n0..n1`.
+type TileFn<'a> = dyn Fn(usize, &[*const f32], usize, usize, &[*mut f32]) + Sync + 'a;
+
 impl GroupedGemm {
-    /// `a`: `[rows, k]` f32; `w`: `[E_local, n, k]`; `buf`: the align buffer.
-    fn run<W: WeightElem>(
+    /// Runs `tile` over (segment × row chunk × column tile) with rayon and
+    /// applies bias / routing weights; `row_bytes` sizes the decode tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn run_tiles(
         &self,
         a: &[f32],
         k: usize,
-        w: &[W],
         n: usize,
+        e_local: usize,
+        row_bytes: usize,
         buf: &[u32],
+        tile: &TileFn<'_>,
     ) -> Result<Vec<f32>> {
         let num_a_rows = a.len().checked_div(k).unwrap_or(0);
-        let e_local = w.len().checked_div(n * k).unwrap_or(0);
         let l = &self.layout;
         let row_div = self.args.row_div.max(1);
         let segs = segments(buf, l, num_a_rows, row_div, e_local)?;
@@ -145,7 +185,7 @@ impl GroupedGemm {
             let m = seg.rows.len();
             // skinny tiles stream ~256 KiB of weights each: long enough to hide
             // the scheduling cost, short enough to balance the threads
-            let skinny_nb = ((256 << 10) / (k * std::mem::size_of::<W>()).max(1)).clamp(16, 256);
+            let skinny_nb = ((256 << 10) / row_bytes.max(1)).clamp(16, 256);
             let (nb, mb) = if m <= SKINNY_MAX_ROWS {
                 (skinny_nb, m)
             } else {
@@ -161,7 +201,6 @@ impl GroupedGemm {
         items.into_par_iter().for_each(|(si, r0, r1, n0, n1)| {
             let seg = &segs[si];
             let rows = &seg.rows[r0..r1];
-            let ew = &w[seg.expert * n * k..(seg.expert + 1) * n * k];
             let ap: Vec<*const f32> = rows
                 .iter()
                 .map(|&s| unsafe { a_ptr.get().add((s as usize / row_div) * k) as *const f32 })
@@ -170,18 +209,9 @@ impl GroupedGemm {
                 .iter()
                 .map(|&s| unsafe { out_ptr.get().add(s as usize * n + n0) })
                 .collect();
-            // SAFETY: rows were bounds-checked in `segments`; every sorted row
-            // appears once, so (row, column tile) regions are disjoint.
-            unsafe {
-                gemm_tile(&Tile {
-                    a: &ap,
-                    w: ew,
-                    k,
-                    n0,
-                    n1,
-                    c: &cp,
-                });
-            }
+            // rows were bounds-checked in `segments`; every sorted row appears
+            // once, so (row, column tile) regions are disjoint.
+            tile(seg.expert, &ap, n0, n1, &cp);
             if bias.is_none() && weights.is_none() {
                 return;
             }
@@ -198,6 +228,109 @@ impl GroupedGemm {
             }
         });
         Ok(out)
+    }
+
+    /// `a`: `[rows, k]` f32; `w`: `[E_local, n, k]`; `buf`: the align buffer.
+    fn run<W: WeightElem>(
+        &self,
+        a: &[f32],
+        k: usize,
+        w: &[W],
+        n: usize,
+        buf: &[u32],
+    ) -> Result<Vec<f32>> {
+        let e_local = w.len().checked_div(n * k).unwrap_or(0);
+        let row_bytes = k * std::mem::size_of::<W>();
+        self.run_tiles(a, k, n, e_local, row_bytes, buf, &|e, ap, n0, n1, cp| {
+            let ew = &w[e * n * k..(e + 1) * n * k];
+            // SAFETY: see run_tiles; `ew` holds all n rows of expert e.
+            unsafe {
+                gemm_tile(&Tile {
+                    a: ap,
+                    w: ew,
+                    k,
+                    n0,
+                    n1,
+                    c: cp,
+                })
+            }
+        })
+    }
+
+    /// The quantized twin of [`Self::run`]: `w` is the packed weight bytes.
+    fn run_quant(
+        &self,
+        a: &[f32],
+        k: usize,
+        w: &[u8],
+        (e_local, n): (usize, usize),
+        buf: &[u32],
+    ) -> Result<Vec<f32>> {
+        let Some(quant) = &self.args.quant else {
+            bail!("grouped gemm: quantized weights without a format")
+        };
+        let st = quant.scales().storage_and_layout();
+        let Storage::Cpu(sc) = &*st.0 else {
+            bail!("grouped gemm: weight scales must be on the cpu like the weights")
+        };
+        let mats: Vec<QMat<'_>> = match quant {
+            WeightQuant::Fp8 { block, .. } => {
+                let (bn, bk) = *block;
+                let scales = contiguous::<f32>(sc, st.1, "fp8 weight scales")?;
+                let per = n.div_ceil(bn.max(1)) * k.div_ceil(bk.max(1));
+                if scales.len() != e_local * per || w.len() != e_local * n * k {
+                    bail!(
+                        "grouped gemm: fp8 weights ({} bytes) / scales ({}) do not fit [{e_local}, {n}, {k}] with block {bn}x{bk}",
+                        w.len(),
+                        scales.len()
+                    )
+                }
+                (0..e_local)
+                    .map(|e| QMat::Fp8 {
+                        q: &w[e * n * k..(e + 1) * n * k],
+                        scales: &scales[e * per..(e + 1) * per],
+                        k,
+                        bn,
+                        bk,
+                    })
+                    .collect()
+            }
+            WeightQuant::Mxfp4 { .. } => {
+                let scales = contiguous::<u8>(sc, st.1, "mxfp4 weight scales")?;
+                let (pw, ps) = (n * k / 2, n * k / MX_GROUP);
+                if scales.len() != e_local * ps || w.len() != e_local * pw {
+                    bail!(
+                        "grouped gemm: mxfp4 weights ({} bytes) / scales ({}) do not fit [{e_local}, {n}, {k}]",
+                        w.len(),
+                        scales.len()
+                    )
+                }
+                (0..e_local)
+                    .map(|e| QMat::Mxfp4 {
+                        q: &w[e * pw..(e + 1) * pw],
+                        scales: &scales[e * ps..(e + 1) * ps],
+                        k,
+                    })
+                    .collect()
+            }
+        };
+        if let Some(m) = mats.first() {
+            check_qmat(m, n).map_err(|e| candle_core::Error::Msg(format!("grouped gemm: {e}")))?;
+        }
+        let row_bytes = mats.first().map_or(k, |m| m.row_bytes());
+        self.run_tiles(a, k, n, e_local, row_bytes, buf, &|e, ap, n0, n1, cp| {
+            // SAFETY: see run_tiles; every expert matrix passed check_qmat
+            // (same shapes as the first).
+            unsafe {
+                qgemm_tile(&QTile {
+                    a: ap,
+                    w: mats[e],
+                    n0,
+                    n1,
+                    c: cp,
+                })
+            }
+        })
     }
 }
 
@@ -217,14 +350,31 @@ impl CustomOp3 for GroupedGemm {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, k) = la.shape().dims2()?;
         let (e_local, n, kw) = lw.shape().dims3()?;
-        if k != kw {
-            bail!("grouped gemm: activations have K = {k}, weights [{e_local}, {n}, {kw}]")
+        let k_w = self.args.quant.as_ref().map_or(kw, |q| q.k_of(kw));
+        if k != k_w {
+            bail!("grouped gemm: activations have K = {k}, weights [{e_local}, {n}, {kw}] hold K = {k_w}")
         }
         if lr.shape().elem_count() != self.layout.len() {
             bail!("grouped gemm: routing buffer does not match its layout")
         }
         let a = super::to_f32_cow(sa, la, "activations")?;
         let buf = contiguous::<u32>(sr, lr, "routing")?;
+        if self.args.quant.is_some() {
+            let w: &[u8] = match sw {
+                CpuStorage::U8(_) => contiguous::<u8>(sw, lw, "weights")?,
+                CpuStorage::F8E4M3(_) => {
+                    let v = contiguous::<float8::F8E4M3>(sw, lw, "weights")?;
+                    // SAFETY: F8E4M3 is a repr(transparent) u8
+                    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len()) }
+                }
+                _ => bail!(
+                    "grouped gemm: quantized weights must be U8 or F8E4M3, got {:?}",
+                    sw.dtype()
+                ),
+            };
+            let out = self.run_quant(&a, k, w, (e_local, n), buf)?;
+            return Ok((CpuStorage::F32(out), Shape::from((self.layout.numel, n))));
+        }
         let out = match sw.dtype() {
             DType::F32 => self.run(&a, k, contiguous::<f32>(sw, lw, "weights")?, n, buf)?,
             DType::BF16 => self.run(&a, k, contiguous::<bf16>(sw, lw, "weights")?, n, buf)?,

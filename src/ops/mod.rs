@@ -2,6 +2,7 @@
 //! CPU forward (and, with the `cuda` feature, a CUDA one), plus a thin wrapper.
 //! The tensor's device picks the implementation at run time.
 
+pub mod act_quant;
 pub mod activation;
 pub mod align;
 pub mod gemm_cpu;
@@ -10,9 +11,10 @@ pub mod grouped_gemm;
 pub mod reduce;
 pub mod topk;
 
+pub use act_quant::fp8_group_quant_dequant;
 pub use activation::{act_and_mul, Activation};
 pub use align::{moe_align_block_size, AlignedRouting};
-pub use grouped_gemm::{grouped_gemm, GroupedGemmArgs};
+pub use grouped_gemm::{grouped_gemm, GroupedGemmArgs, WeightQuant};
 pub use reduce::moe_weighted_sum;
 pub use topk::{router_weights, topk_select, ScoringFunc};
 

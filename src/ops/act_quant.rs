@@ -1,0 +1,63 @@
+//! Dynamic per-token-group FP8 activation quantization (vLLM
+//! `per_token_group_quant_fp8`, compressed-tensors dynamic `group`), applied
+//! as quantize-dequantize: the following GEMM then computes exactly the
+//! W8A8 product `Σ q_a·s_a · q_w·s_w`, accumulated in f32.
+
+use crate::quant::fp8_codec::fake_quant_fp8_groups;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Clone, Debug)]
+struct Fp8GroupQuant {
+    group: usize,
+}
+
+impl CustomOp1 for Fp8GroupQuant {
+    fn name(&self) -> &'static str {
+        "fp8-per-token-group-quant"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims();
+        let Some(&k) = dims.last() else {
+            bail!("fp8 group quant: scalar input")
+        };
+        if self.group == 0 {
+            bail!("fp8 group quant: group size 0")
+        }
+        let mut x = super::to_f32_cow(s, l, "activations")?.into_owned();
+        if k > 0 {
+            x.par_chunks_mut(k)
+                .for_each(|row| fake_quant_fp8_groups(row, self.group));
+        }
+        Ok((CpuStorage::F32(x), l.shape().clone()))
+    }
+}
+
+/// Quantizes each `group` consecutive values of every row of `x` to e4m3 with
+/// their own scale `max(amax, 1e-10) / 448` and returns the dequantized F32.
+pub fn fp8_group_quant_dequant(x: &Tensor, group: usize) -> Result<Tensor> {
+    x.apply_op1_no_bwd(&Fp8GroupQuant { group })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn groups_are_quantized_independently() -> Result<()> {
+        // one group holds 448 and a value that is not an e4m3 number; the other
+        // group's scale is tiny, so its values survive on their own grid
+        let x = Tensor::new(&[[448f32, 1.3, 0.001, 0.0017]], &Device::Cpu)?;
+        let y = fp8_group_quant_dequant(&x, 2)?.to_vec2::<f32>()?;
+        assert_eq!(y[0][0], 448.0);
+        assert_eq!(y[0][1], 1.25); // 1.3 → nearest e4m3 at scale 1
+        let s = 0.0017f32 / 448.0;
+        let q = |v: f32| {
+            crate::quant::fp8_codec::e4m3_to_f32(crate::quant::fp8_codec::f32_to_e4m3(v / s)) * s
+        };
+        assert_eq!(y[0][2], q(0.001));
+        assert!((y[0][3] - 0.0017).abs() < 1e-9);
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! Shared loading helpers of the quant methods: reading one expert's float
+//! projections (per-expert or fused 3-D layout), raw checkpoint tensors, and
+//! stacking packed bytes expert by expert.
+
+use super::ExpertLayerSpec;
+use crate::error::{MoeError, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::var_builder::VarBuilder;
+
+pub(crate) fn full_name(vb: &VarBuilder, name: &str) -> String {
+    if vb.prefix().is_empty() {
+        name.to_string()
+    } else {
+        format!("{}.{name}", vb.prefix())
+    }
+}
+
+/// A tensor read in exactly `dtype` (no conversion happens when the
+/// checkpoint stores that dtype).
+pub(crate) fn get_dtype(
+    vb: &VarBuilder,
+    shape: &[usize],
+    name: &str,
+    dtype: DType,
+) -> Result<Tensor> {
+    vb.get_with_hints_dtype(shape, name, Default::default(), dtype)
+        .map_err(|e| MoeError::weight(full_name(vb, name), e.to_string()))
+}
+
+/// A tensor of any shape, read as `dtype`.
+pub(crate) fn get_any(vb: &VarBuilder, name: &str, dtype: DType) -> Result<Tensor> {
+    vb.get_unchecked_dtype(name, dtype)
+        .map_err(|e| MoeError::weight(full_name(vb, name), e.to_string()))
+}
+
+/// The bytes of a U8 or F8E4M3 cpu tensor.
+pub(crate) fn tensor_bytes(t: &Tensor, name: &str) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    match t.dtype() {
+        DType::U8 => Ok(t.to_vec1::<u8>()?),
+        DType::F8E4M3 => Ok(t
+            .to_vec1::<float8::F8E4M3>()?
+            .into_iter()
+            .map(|v| v.to_bits())
+            .collect()),
+        dt => Err(MoeError::weight(
+            name,
+            format!("expected U8 or F8_E4M3 bytes, found {dt:?}"),
+        )),
+    }
+}
+
+pub(crate) fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// One expert's float projections as f32 row-major data:
+/// gate `[I, H]`, up `[I, H]`, down `[H, I]`.
+pub(crate) struct FloatExpert {
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
+}
+
+/// Reads float experts from either checkpoint layout. The fused 3-D layout
+/// (transformers 5.x) is read one layer at a time and sliced per expert.
+pub(crate) enum FloatExperts {
+    PerExpert,
+    Fused { gate_up: Tensor, down: Tensor },
+}
+
+impl FloatExperts {
+    pub fn open(s: &ExpertLayerSpec, vb: &VarBuilder) -> Result<Self> {
+        if !vb.contains_tensor("gate_up_proj") {
+            return Ok(Self::PerExpert);
+        }
+        let (h, i, e) = (s.hidden_size, s.intermediate_size, s.global_num_experts);
+        Ok(Self::Fused {
+            gate_up: get_dtype(vb, &[e, 2 * i, h], "gate_up_proj", vb.dtype())?,
+            down: get_dtype(vb, &[e, h, i], "down_proj", vb.dtype())?,
+        })
+    }
+
+    pub fn expert(&self, s: &ExpertLayerSpec, vb: &VarBuilder, g: usize) -> Result<FloatExpert> {
+        let (h, i) = (s.hidden_size, s.intermediate_size);
+        match self {
+            Self::PerExpert => {
+                let ve = vb.pp(g);
+                let dt = vb.dtype();
+                Ok(FloatExpert {
+                    gate: f32_vec(&get_dtype(&ve.pp("gate_proj"), &[i, h], "weight", dt)?)?,
+                    up: f32_vec(&get_dtype(&ve.pp("up_proj"), &[i, h], "weight", dt)?)?,
+                    down: f32_vec(&get_dtype(&ve.pp("down_proj"), &[h, i], "weight", dt)?)?,
+                })
+            }
+            Self::Fused { gate_up, down } => {
+                let gu = f32_vec(&gate_up.get(g)?)?;
+                let (gate, up) = gu.split_at(i * h);
+                Ok(FloatExpert {
+                    gate: gate.to_vec(),
+                    up: up.to_vec(),
+                    down: f32_vec(&down.get(g)?)?,
+                })
+            }
+        }
+    }
+}
+
+/// Biases of the local experts (`[E_local, 2I]`, `[E_local, H]`), per-expert
+/// or fused layout, as f32.
+pub(crate) fn load_biases(
+    s: &ExpertLayerSpec,
+    vb: &VarBuilder,
+    local_ids: &[usize],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if !s.has_bias {
+        return Ok((None, None));
+    }
+    let (h, i) = (s.hidden_size, s.intermediate_size);
+    let mut b13 = Vec::with_capacity(local_ids.len() * 2 * i);
+    let mut b2 = Vec::with_capacity(local_ids.len() * h);
+    if vb.contains_tensor("gate_up_proj_bias") {
+        let e = s.global_num_experts;
+        let gu = get_dtype(vb, &[e, 2 * i], "gate_up_proj_bias", DType::F32)?;
+        let d = get_dtype(vb, &[e, h], "down_proj_bias", DType::F32)?;
+        for &g in local_ids {
+            b13.extend(f32_vec(&gu.get(g)?)?);
+            b2.extend(f32_vec(&d.get(g)?)?);
+        }
+    } else {
+        for &g in local_ids {
+            let ve = vb.pp(g);
+            b13.extend(f32_vec(&get_dtype(
+                &ve.pp("gate_proj"),
+                &[i],
+                "bias",
+                DType::F32,
+            )?)?);
+            b13.extend(f32_vec(&get_dtype(
+                &ve.pp("up_proj"),
+                &[i],
+                "bias",
+                DType::F32,
+            )?)?);
+            b2.extend(f32_vec(&get_dtype(
+                &ve.pp("down_proj"),
+                &[h],
+                "bias",
+                DType::F32,
+            )?)?);
+        }
+    }
+    let dev = vb.device();
+    let e = local_ids.len();
+    Ok((
+        Some(Tensor::from_vec(b13, (e, 2 * i), dev)?),
+        Some(Tensor::from_vec(b2, (e, h), dev)?),
+    ))
+}
+
+pub(crate) fn check_local_ids(s: &ExpertLayerSpec, local_ids: &[usize]) -> Result<()> {
+    if let Some(&g) = local_ids.iter().find(|&&g| g >= s.global_num_experts) {
+        return Err(MoeError::config(format!(
+            "local expert {g} out of range for {} experts",
+            s.global_num_experts
+        )));
+    }
+    Ok(())
+}

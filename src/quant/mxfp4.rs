@@ -1,0 +1,155 @@
+//! MXFP4 experts (compressed-tensors `mxfp4-pack-quantized`, llm-compressor's
+//! MXFP4A16): `weight_packed` U8 `[N, K/2]` (low nibble = even element) and
+//! `weight_scale` U8 e8m0 `[N, K/32]`, kept packed (4.25 bits per weight) and
+//! decoded inside the GEMM; activations stay float (W4A16). Float experts can
+//! be quantized on load with the same rule llm-compressor applies.
+
+use super::loading::{
+    check_local_ids, full_name, get_dtype, load_biases, tensor_bytes, FloatExperts,
+};
+use super::mxfp4_codec::{quantize_mxfp4, MX_GROUP};
+use super::{ExpertLayerSpec, QuantMethod, TensorSpec};
+use crate::error::{MoeError, Result};
+use crate::modular::{Experts, GroupedGemmExperts};
+use crate::ops::WeightQuant;
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mxfp4 {
+    /// Read float weights and quantize them (instead of reading packed ones).
+    pub on_load: bool,
+}
+
+impl Mxfp4 {
+    pub fn quantize_on_load() -> Self {
+        Self { on_load: true }
+    }
+
+    fn read_proj(vb: &VarBuilder, n: usize, k: usize) -> Result<(Vec<u8>, Vec<u8>)> {
+        let pname = full_name(vb, "weight_packed");
+        let q = tensor_bytes(
+            &get_dtype(vb, &[n, k / 2], "weight_packed", DType::U8)?,
+            &pname,
+        )?;
+        let sname = full_name(vb, "weight_scale");
+        let s = tensor_bytes(
+            &get_dtype(vb, &[n, k / MX_GROUP], "weight_scale", DType::U8)?,
+            &sname,
+        )?;
+        if let Some(p) = s.iter().position(|&b| b == 255) {
+            return Err(MoeError::weight(
+                sname,
+                format!("scale byte 255 (NaN in e8m0) at element {p}"),
+            ));
+        }
+        Ok((q, s))
+    }
+}
+
+impl QuantMethod for Mxfp4 {
+    fn name(&self) -> &'static str {
+        if self.on_load {
+            "mxfp4-on-load"
+        } else {
+            "mxfp4"
+        }
+    }
+
+    fn expert_tensors(&self, s: &ExpertLayerSpec) -> Vec<TensorSpec> {
+        let (h, i) = (s.hidden_size, s.intermediate_size);
+        let mut v = Vec::new();
+        for (p, n, k) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+            if self.on_load {
+                v.push(TensorSpec {
+                    name: format!("{{e}}.{p}.weight"),
+                    dtype: None,
+                    shape: vec![n, k],
+                });
+            } else {
+                v.push(TensorSpec {
+                    name: format!("{{e}}.{p}.weight_packed"),
+                    dtype: Some(DType::U8),
+                    shape: vec![n, k / 2],
+                });
+                v.push(TensorSpec {
+                    name: format!("{{e}}.{p}.weight_scale"),
+                    dtype: Some(DType::U8),
+                    shape: vec![n, k / MX_GROUP],
+                });
+            }
+        }
+        v
+    }
+
+    fn create_experts(
+        &self,
+        s: &ExpertLayerSpec,
+        vb: &VarBuilder,
+        local_ids: &[usize],
+    ) -> Result<Arc<dyn Experts>> {
+        check_local_ids(s, local_ids)?;
+        let (h, i, e) = (s.hidden_size, s.intermediate_size, local_ids.len());
+        if !h.is_multiple_of(MX_GROUP) || !i.is_multiple_of(MX_GROUP) {
+            return Err(MoeError::config(format!(
+                "mxfp4 needs hidden ({h}) and intermediate ({i}) sizes that are multiples of 32"
+            )));
+        }
+        let mut q13 = Vec::with_capacity(e * i * h);
+        let mut s13 = Vec::with_capacity(e * 2 * i * h / MX_GROUP);
+        let mut q2 = Vec::with_capacity(e * h * i / 2);
+        let mut s2 = Vec::with_capacity(e * h * i / MX_GROUP);
+        let float = if self.on_load {
+            Some(FloatExperts::open(s, vb)?)
+        } else {
+            None
+        };
+        for &g in local_ids {
+            let [(gq, gs), (uq, us), (dq, ds)] = match &float {
+                Some(f) => {
+                    let x = f.expert(s, vb, g)?;
+                    [
+                        quantize_mxfp4(&x.gate, i, h),
+                        quantize_mxfp4(&x.up, i, h),
+                        quantize_mxfp4(&x.down, h, i),
+                    ]
+                }
+                None => {
+                    let ve = vb.pp(g);
+                    [
+                        Self::read_proj(&ve.pp("gate_proj"), i, h)?,
+                        Self::read_proj(&ve.pp("up_proj"), i, h)?,
+                        Self::read_proj(&ve.pp("down_proj"), h, i)?,
+                    ]
+                }
+            };
+            q13.extend_from_slice(&gq);
+            q13.extend_from_slice(&uq);
+            s13.extend_from_slice(&gs);
+            s13.extend_from_slice(&us);
+            q2.extend_from_slice(&dq);
+            s2.extend_from_slice(&ds);
+        }
+        let dev = vb.device();
+        let (b13, b2) = load_biases(s, vb, local_ids)?;
+        Ok(Arc::new(GroupedGemmExperts::quantized(
+            (
+                Tensor::from_vec(q13, (e, 2 * i, h / 2), dev)?,
+                Some(WeightQuant::Mxfp4 {
+                    scales: Tensor::from_vec(s13, (e, 2 * i, h / MX_GROUP), dev)?,
+                }),
+            ),
+            (
+                Tensor::from_vec(q2, (e, h, i / 2), dev)?,
+                Some(WeightQuant::Mxfp4 {
+                    scales: Tensor::from_vec(s2, (e, h, i / MX_GROUP), dev)?,
+                }),
+            ),
+            b13,
+            b2,
+            s.activation,
+            None,
+        )?))
+    }
+}

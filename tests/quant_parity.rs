@@ -1,0 +1,356 @@
+//! Quantized checkpoints made by llm-compressor (scripts/make_quant_fixtures.py)
+//! against llm-compressor's in-memory quantized model, i.e. compressed-tensors'
+//! own fake-quantized forward: FP8_BLOCK (W8A8, dynamic per-token-group-128
+//! activations) within 1e-2 relative, MXFP4A16 within 1e-3; the same FP8 weights
+//! in the Qwen3-*-FP8 `weight_scale_inv` layout; on-load quantization of the
+//! float source against the same tools, and byte for byte against the tensors
+//! they wrote.
+
+use candle_core::{DType, Device, Tensor};
+use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
+use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
+use candle_moe::quant::QuantScheme;
+use candle_moe_models::{Checkpoint, LoadOptions, QwenMoeForCausalLM};
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+struct Case {
+    prompt: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    generated: Vec<u32>,
+    margins: Vec<f32>,
+}
+
+fn cases(path: PathBuf) -> Vec<Case> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ids = |x: &Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let fl = |x: &Value| -> Vec<f32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            prompt: ids(&c["prompt_ids"]),
+            logits: c["prompt_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(fl)
+                .collect(),
+            generated: ids(&c["generated_ids"]),
+            margins: fl(&c["top2_margins"]),
+        })
+        .collect()
+}
+
+fn load(name: &str, quant: Option<QuantScheme>) -> QwenMoeForCausalLM {
+    let ck = Checkpoint::open(dir(name)).unwrap();
+    let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
+    let opts = LoadOptions {
+        quant,
+        ..Default::default()
+    };
+    QwenMoeForCausalLM::new_with_options(&ck.config, vb, &opts).unwrap()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Max |got − want| over max |want|.
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|x| x.is_finite()), "non-finite logits");
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    err / want.iter().map(|b| b.abs()).fold(0f32, f32::max)
+}
+
+/// Prompt logits at every position within `tol`, then greedy tokens through
+/// the KV cache equal to the reference's until its top-2 margin gets below
+/// the logit error this tolerance allows.
+fn check_model(m: &mut QwenMoeForCausalLM, expected: PathBuf, tol: f32, ctx: &str) -> f32 {
+    let mut worst = 0f32;
+    for (ci, c) in cases(expected).iter().enumerate() {
+        m.clear_kv_cache();
+        let x = Tensor::new(c.prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = m.forward(&x, false).unwrap().squeeze(0).unwrap();
+        let rows = logits.to_vec2::<f32>().unwrap();
+        assert_eq!(rows.len(), c.logits.len());
+        for (p, (g, w)) in rows.iter().zip(&c.logits).enumerate() {
+            let e = rel_err(g, w);
+            worst = worst.max(e);
+            assert!(
+                e <= tol,
+                "{ctx} case {ci} position {p}: rel err {e} > {tol}"
+            );
+        }
+        let mag = c
+            .logits
+            .last()
+            .unwrap()
+            .iter()
+            .fold(0f32, |a, b| a.max(b.abs()));
+        let mut next = argmax(rows.last().unwrap());
+        for (step, (&want, &margin)) in c.generated.iter().zip(&c.margins).enumerate() {
+            if margin < 4.0 * tol * mag {
+                break; // a near tie: either token is right within the tolerance
+            }
+            assert_eq!(next, want, "{ctx} case {ci}: greedy token {step}");
+            let x = Tensor::new(&[[next]], &Device::Cpu).unwrap();
+            let l = m.forward(&x, true).unwrap().flatten_all().unwrap();
+            next = argmax(&l.to_vec1::<f32>().unwrap());
+        }
+    }
+    worst
+}
+
+/// Tolerances: the issue asks for 1e-2 (FP8 W8A8) and 1e-3 (MXFP4); the
+/// kernels compute the same quantized products as compressed-tensors, so the
+/// tests hold them to 1e-3 and 1e-4 (observed: ~1e-6).
+const FP8_TOL: f32 = 1e-3;
+const MXFP4_TOL: f32 = 1e-4;
+
+#[test]
+fn fp8_block_compressed_tensors_matches_llm_compressor() {
+    let mut m = load("qwen3_moe_fp8_block", None);
+    let expected = dir("qwen3_moe_fp8_block").join("expected.json");
+    let e = check_model(&mut m, expected.clone(), FP8_TOL, "fp8 block");
+    eprintln!("fp8 block (compressed-tensors): worst rel err {e:.2e}");
+
+    // W8A16 on the same weights is visibly off the W8A8 reference (~8e-2 on
+    // this random model): the check above does see the activation
+    // quantization
+    let w8a16 = QuantScheme::Fp8(candle_moe::quant::Fp8::compressed_tensors(
+        candle_moe::quant::Fp8Strategy::Block(128, 128),
+        None,
+    ));
+    let mut m = load("qwen3_moe_fp8_block", Some(w8a16));
+    let c = &cases(expected)[0];
+    let x = Tensor::new(c.prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let rows = m
+        .forward(&x, false)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let e16 = rows
+        .iter()
+        .zip(&c.logits)
+        .map(|(g, w)| rel_err(g, w))
+        .fold(0f32, f32::max);
+    eprintln!("fp8 W8A16 vs the W8A8 reference: rel err {e16:.2e}");
+    assert!(
+        e16 < 1e-2 && e16 > 10.0 * e.max(1e-6),
+        "W8A16 err {e16}, W8A8 err {e}"
+    );
+}
+
+#[test]
+fn fp8_qwen3_native_layout_matches_llm_compressor() {
+    let mut m = load("qwen3_moe_fp8_native", None);
+    let e = check_model(
+        &mut m,
+        dir("qwen3_moe_fp8_native").join("expected.json"),
+        FP8_TOL,
+        "fp8 native",
+    );
+    eprintln!("fp8 weight_scale_inv layout: worst rel err {e:.2e}");
+}
+
+#[test]
+fn mxfp4_compressed_tensors_matches_llm_compressor() {
+    let mut m = load("qwen2_moe_mxfp4", None);
+    let e = check_model(
+        &mut m,
+        dir("qwen2_moe_mxfp4").join("expected.json"),
+        MXFP4_TOL,
+        "mxfp4",
+    );
+    eprintln!("mxfp4 (shared expert, dense layer): worst rel err {e:.2e}");
+}
+
+#[test]
+fn on_load_fp8_matches_llm_compressor_experts_only() {
+    let base = dir("qwen3_moe_base_f32");
+    let mut m = load(
+        "qwen3_moe_base_f32",
+        Some(QuantScheme::on_load("fp8").unwrap()),
+    );
+    let e = check_model(
+        &mut m,
+        base.join("expected_onload_fp8.json"),
+        FP8_TOL,
+        "on-load fp8",
+    );
+    eprintln!("on-load fp8: worst rel err {e:.2e}");
+}
+
+#[test]
+fn on_load_mxfp4_matches_llm_compressor_experts_only() {
+    let base = dir("qwen3_moe_base_f32");
+    let mut m = load(
+        "qwen3_moe_base_f32",
+        Some(QuantScheme::on_load("mxfp4").unwrap()),
+    );
+    let e = check_model(
+        &mut m,
+        base.join("expected_onload_mxfp4.json"),
+        MXFP4_TOL,
+        "on-load mxfp4",
+    );
+    eprintln!("on-load mxfp4: worst rel err {e:.2e}");
+}
+
+fn st(path: PathBuf) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(&path, &Device::Cpu).unwrap()
+}
+
+fn bytes(t: &Tensor) -> Vec<u8> {
+    match t.dtype() {
+        DType::U8 => t.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+        DType::F8E4M3 => t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<float8::F8E4M3>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.to_bits())
+            .collect(),
+        dt => panic!("unexpected dtype {dt:?}"),
+    }
+}
+
+/// Our quantizers give exactly the bytes and scales llm-compressor wrote for
+/// the same float weights.
+#[test]
+fn on_load_quantizers_reproduce_llm_compressor_bytes() {
+    let base = dir("qwen3_moe_base_f32");
+    let float = st(base.join("model.safetensors"));
+    let fp8 = st(base.join("layer0_experts_fp8.safetensors"));
+    let mx = st(base.join("layer0_experts_mxfp4.safetensors"));
+    let mut checked = 0;
+    for e in 0..8 {
+        for p in ["gate_proj", "up_proj", "down_proj"] {
+            let pre = format!("model.layers.0.mlp.experts.{e}.{p}");
+            let w = &float[&format!("{pre}.weight")];
+            let (n, k) = w.dims2().unwrap();
+            let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+            let (q, s) = quantize_fp8_block(&v, n, k, 128, 128, SourcePrecision::F32);
+            assert_eq!(q, bytes(&fp8[&format!("{pre}.weight")]), "{pre} fp8 bytes");
+            let want_s = fp8[&format!("{pre}.weight_scale")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(s, want_s, "{pre} fp8 scales");
+
+            let (q, s) = quantize_mxfp4(&v, n, k);
+            assert_eq!(
+                q,
+                bytes(&mx[&format!("{pre}.weight_packed")]),
+                "{pre} mxfp4 nibbles"
+            );
+            assert_eq!(
+                s,
+                bytes(&mx[&format!("{pre}.weight_scale")]),
+                "{pre} mxfp4 scales"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 24);
+}
+
+/// A quantized checkpoint with a broken tensor fails with an error that
+/// names it, never a panic.
+#[test]
+fn bad_quantized_tensors_are_named_errors() {
+    use candle_moe::quant::{ExpertLayerSpec, Mxfp4, QuantMethod};
+    use candle_nn::VarBuilder;
+    use std::collections::HashMap;
+    let dev = Device::Cpu;
+    let (h, i) = (64usize, 32usize);
+    let spec = ExpertLayerSpec {
+        hidden_size: h,
+        intermediate_size: i,
+        global_num_experts: 1,
+        has_bias: false,
+        activation: candle_moe::Activation::Silu,
+    };
+    let mk = |scale: u8, down_cols: usize| {
+        let mut t = HashMap::new();
+        for (p, n, k) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+            let k = if p == "down_proj" { down_cols } else { k };
+            t.insert(
+                format!("0.{p}.weight_packed"),
+                Tensor::zeros((n, k / 2), DType::U8, &dev).unwrap(),
+            );
+            t.insert(
+                format!("0.{p}.weight_scale"),
+                Tensor::full(scale, (n, k / 32), &dev).unwrap(),
+            );
+        }
+        VarBuilder::from_tensors(t, DType::F32, &dev)
+    };
+    let ok = Mxfp4::default().create_experts(&spec, &mk(127, i), &[0]);
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    let err = Mxfp4::default()
+        .create_experts(&spec, &mk(255, i), &[0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("0.gate_proj.weight_scale") && err.contains("255"),
+        "{err}"
+    );
+    let err = Mxfp4::default()
+        .create_experts(&spec, &mk(127, 2 * i), &[0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("0.down_proj.weight_packed"), "{err}");
+
+    // an unsupported scheme in config.json is a config error, not a panic
+    let qc: candle_moe::quant::QuantizationConfig = serde_json::from_str(
+        r#"{"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+            "config_groups": {"g": {"targets": ["Linear"], "format": "nvfp4-pack-quantized",
+              "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}}}}"#,
+    )
+    .unwrap();
+    let err = QuantScheme::from_config(&qc).unwrap_err().to_string();
+    assert!(err.contains("nvfp4-pack-quantized"), "{err}");
+}
