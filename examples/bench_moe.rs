@@ -4,7 +4,12 @@
 //! gate/up/down linears → weight → index_add), on the same weights, same run.
 //!
 //!     cargo run --release --example bench_moe [-- --json] [--cases qwen1.5,qwen3]
-//!         [--tokens 1,16,512] [--dtypes f32,bf16] [--reps N] [--only-fused]
+//!         [--tokens 1,16,512] [--dtypes f32,bf16,fp8,fp8-w8a16,mxfp4] [--reps N]
+//!         [--only-fused]
+//!
+//! `fp8` (128×128 blocks, W8A8), `fp8-w8a16` and `mxfp4` (W4A16) rows quantize the
+//! bf16 weights on load and run FusedMoe only; they report their speed against the
+//! bf16 FusedMoe row of the same run (`vs_bf16`), with bf16 activations as input.
 //!
 //! Decode rows also report the share of the machine's read bandwidth (a
 //! multi-threaded sum over 1 GiB, measured in the same run) that the bytes the
@@ -12,6 +17,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
+use candle_moe::quant::{Fp8, QuantScheme};
 use candle_moe::{FusedMoe, FusedMoeConfig};
 use candle_nn::{Linear, VarBuilder};
 use rayon::prelude::*;
@@ -175,12 +181,28 @@ fn main() -> Result<()> {
         .filter(|c| cases.iter().any(|n| c.name.starts_with(n.as_str())))
     {
         for dts in &dtypes {
-            let dt = match dts.as_str() {
-                "f32" => DType::F32,
-                "bf16" => DType::BF16,
-                "f16" => DType::F16,
+            let (dt, quant) = match dts.as_str() {
+                "f32" => (DType::F32, None),
+                "bf16" => (DType::BF16, None),
+                "f16" => (DType::F16, None),
+                "fp8" => (DType::BF16, Some(QuantScheme::on_load("fp8")?)),
+                "fp8-w8a16" => (
+                    DType::BF16,
+                    Some(QuantScheme::Fp8(Fp8::quantize_on_load().weight_only())),
+                ),
+                "mxfp4" => (DType::BF16, Some(QuantScheme::on_load("mxfp4")?)),
                 o => bail!("unknown dtype {o}"),
             };
+            // bytes of one expert's weights (scales included) as the kernels read them
+            let expert_bytes = |h: usize, i: usize| -> f64 {
+                let n = (3 * h * i) as f64;
+                match dts.as_str() {
+                    "fp8" | "fp8-w8a16" => n + n / (128.0 * 128.0) * 4.0,
+                    "mxfp4" => n / 2.0 + n / 32.0,
+                    _ => n * dt.size_in_bytes() as f64,
+                }
+            };
+            let only_fused = only_fused || quant.is_some();
             let (h, i, e, k) = (case.h, case.i, case.e, case.k);
             let w13 = Tensor::from_vec(fill(e * 2 * i * h, 1, 0.03), (e, 2 * i, h), &dev)?
                 .to_dtype(dt)?;
@@ -205,7 +227,17 @@ fn main() -> Result<()> {
                 dt,
                 &dev,
             );
-            let moe = FusedMoe::new(&FusedMoeConfig::new(h, i, e, k), vb)?;
+            let mut cfg = FusedMoeConfig::new(h, i, e, k);
+            cfg.quant = quant.clone();
+            let t_load = Instant::now();
+            let moe = FusedMoe::new(&cfg, vb)?;
+            if quant.is_some() {
+                eprintln!(
+                    "{} {dts}: quantized on load in {:.1} s",
+                    case.name,
+                    t_load.elapsed().as_secs_f64()
+                );
+            }
             for &t in &tokens {
                 // a few different inputs so decode does not re-read the same experts from cache
                 let n_inputs = if t <= 16 { 8 } else { 2 };
@@ -229,7 +261,7 @@ fn main() -> Result<()> {
                     }
                     distinct += used.iter().filter(|&&u| u).count() as f64;
                 }
-                let bytes = distinct / n_inputs as f64 * (3 * h * i * dt.size_in_bytes()) as f64;
+                let bytes = distinct / n_inputs as f64 * expert_bytes(h, i);
                 let flops = (t * k * 3 * 2 * h * i) as f64;
                 let reps = reps.unwrap_or(if t <= 16 { 24 } else { 3 });
                 let mut j = 0;
@@ -256,7 +288,20 @@ fn main() -> Result<()> {
                     },
                     reps,
                 )?;
-                for (name, ms) in [("candle_loop", ms_loop), ("fused_moe", ms_fused)] {
+                let mut impls = vec![("fused_moe", ms_fused)];
+                if !only_fused {
+                    impls.insert(0, ("candle_loop", ms_loop));
+                }
+                let bf16_ms = rows
+                    .iter()
+                    .find(|r: &&serde_json::Value| {
+                        r["case"] == case.name
+                            && r["tokens"] == t
+                            && r["dtype"] == "bf16"
+                            && r["impl"] == "fused_moe"
+                    })
+                    .and_then(|r| r["ms"].as_f64());
+                for (name, ms) in impls {
                     let mut row = serde_json::json!({
                         "case": case.name, "tokens": t, "dtype": dts, "impl": name,
                         "ms": (ms * 1000.0).round() / 1000.0,
@@ -264,6 +309,9 @@ fn main() -> Result<()> {
                         "gflops": ((flops / ms / 1e6) * 10.0).round() / 10.0,
                         "bytes_read_mb": (bytes / 1e5).round() / 10.0,
                     });
+                    if let Some(b) = bf16_ms {
+                        row["vs_bf16"] = serde_json::json!(((b / ms) * 100.0).round() / 100.0);
+                    }
                     if t <= 16 {
                         row["bandwidth_pct"] = serde_json::json!(
                             ((bytes / (ms / 1e3) / 1e9 / bw) * 1000.0).round() / 10.0
@@ -281,12 +329,21 @@ fn main() -> Result<()> {
         println!("{}", serde_json::Value::Array(rows));
     } else {
         println!(
-            "{:<20} {:>6} {:>5} {:<12} {:>10} {:>8} {:>8} {:>7}",
-            "case", "tokens", "dtype", "impl", "ms", "speedup", "GFLOP/s", "bw %"
+            "{:<20} {:>6} {:>9} {:<12} {:>10} {:>8} {:>8} {:>7} {:>8} {:>8}",
+            "case",
+            "tokens",
+            "dtype",
+            "impl",
+            "ms",
+            "speedup",
+            "GFLOP/s",
+            "bw %",
+            "MB read",
+            "vs bf16"
         );
         for r in &rows {
             println!(
-                "{:<20} {:>6} {:>5} {:<12} {:>10.3} {:>8.2} {:>8.1} {:>7}",
+                "{:<20} {:>6} {:>9} {:<12} {:>10.3} {:>8.2} {:>8.1} {:>7} {:>8} {:>8}",
                 r["case"].as_str().unwrap_or(""),
                 r["tokens"],
                 r["dtype"].as_str().unwrap_or(""),
@@ -297,6 +354,8 @@ fn main() -> Result<()> {
                 r.get("bandwidth_pct")
                     .map(|v| v.to_string())
                     .unwrap_or_default(),
+                r["bytes_read_mb"],
+                r.get("vs_bf16").map(|v| v.to_string()).unwrap_or_default(),
             );
         }
     }

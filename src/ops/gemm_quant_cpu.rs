@@ -163,6 +163,11 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// The decode kernels prefetch the rows this many rows ahead, at the
+    /// position they are reading: the hardware prefetcher alone leaves them
+    /// waiting on loads (~2× slower).
+    const AHEAD_ROWS: usize = 4;
+
     /// 16 e4m3 bytes → 16 f32 equal to the values / 256.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -223,6 +228,11 @@ mod avx2 {
             let mut g = [[_mm256_setzero_ps(); NW]; M];
             let mut kk = k0;
             while kk + 16 <= k1 {
+                if kk % 64 == 0 {
+                    for p in wp {
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(kk + AHEAD_ROWS * k) as *const i8);
+                    }
+                }
                 let wv: [[__m256; 2]; NW] = std::array::from_fn(|j| fp8_dec16(wp[j].add(kk)));
                 for m in 0..M {
                     let a0 = _mm256_loadu_ps(a[m].add(kk));
@@ -271,6 +281,11 @@ mod avx2 {
         let sp: [*const u8; NW] =
             std::array::from_fn(|j| scales.as_ptr().add((n + j) * k / MX_GROUP));
         for gi in 0..k / MX_GROUP {
+            if gi % 4 == 0 {
+                for p in wp {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8);
+                }
+            }
             let wv: [[__m256; 4]; NW] = std::array::from_fn(|j| mx_dec32(wp[j].add(gi * 16)));
             for m in 0..M {
                 let ap = a[m].add(gi * MX_GROUP);
