@@ -165,7 +165,8 @@ mod avx2 {
 
     /// The decode kernels prefetch the rows this many rows ahead, at the
     /// position they are reading: the hardware prefetcher alone leaves them
-    /// waiting on loads (~2× slower).
+    /// waiting on loads (~2× slower). Addresses past the matrix are fine for a
+    /// prefetch (never dereferenced; `wrapping_add` keeps the arithmetic defined).
     const AHEAD_ROWS: usize = 4;
 
     /// 16 e4m3 bytes → 16 f32 equal to the values / 256.
@@ -230,7 +231,7 @@ mod avx2 {
             while kk + 16 <= k1 {
                 if kk % 64 == 0 {
                     for p in wp {
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(kk + AHEAD_ROWS * k) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(kk + AHEAD_ROWS * k) as *const i8);
                     }
                 }
                 let wv: [[__m256; 2]; NW] = std::array::from_fn(|j| fp8_dec16(wp[j].add(kk)));
@@ -283,7 +284,7 @@ mod avx2 {
         for gi in 0..k / MX_GROUP {
             if gi % 4 == 0 {
                 for p in wp {
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8);
                 }
             }
             let wv: [[__m256; 4]; NW] = std::array::from_fn(|j| mx_dec32(wp[j].add(gi * 16)));
