@@ -163,3 +163,66 @@ fn end_to_end_on_tiny_checkpoint_batch_1_equals_4() {
         .collect();
     assert_eq!(g1, g4, "batch size 4 must give the batch-1 results");
 }
+
+/// `--quant fp8`: the evaluation runs on experts quantized at load, and still
+/// gives batch-size-independent results.
+#[test]
+fn end_to_end_with_fp8_experts_batch_1_equals_3() {
+    let data = root().join("tests/fixtures/gsm8k");
+    let train = load_jsonl(&data.join("train.jsonl")).unwrap();
+    let test = load_jsonl(&data.join("test.jsonl")).unwrap();
+    let dir = root().join("models/tiny-qwen2-moe");
+    let ck = Checkpoint::open(&dir).unwrap();
+    let codec = Codec(tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap());
+    let opts = candle_moe_models::LoadOptions {
+        quant: Some(candle_moe::quant::QuantScheme::on_load("fp8").unwrap()),
+        ..Default::default()
+    };
+    let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
+    let mut m = QwenMoeForCausalLM::new_with_options(&ck.config, vb, &opts).unwrap();
+    let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
+    let mut float = QwenMoeForCausalLM::new(&ck.config, vb).unwrap();
+    let run = |m: &mut QwenMoeForCausalLM, bs: usize| {
+        let opts = EvalOptions {
+            num_fewshot: 2,
+            batch_size: bs,
+            max_new_tokens: 16,
+            eos: ck.eos_token_ids.clone(),
+            pad_id: 151643,
+            model_name: "tiny-fp8".into(),
+        };
+        evaluate(
+            m,
+            &codec,
+            &train,
+            &test[..3],
+            &opts,
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .unwrap()
+        .per_question
+        .into_iter()
+        .map(|q| q.generated)
+        .collect::<Vec<_>>()
+    };
+    let g1 = run(&mut m, 1);
+    assert_eq!(
+        g1,
+        run(&mut m, 3),
+        "batch size 3 must give the batch-1 results"
+    );
+    assert!(g1.iter().any(|g| !g.is_empty()));
+    // it ran on FP8 experts: one byte per weight plus block scales, against
+    // the float model's f32 experts
+    for b in m.moe_blocks() {
+        assert_eq!(b.moe().kernel().experts().name(), "grouped-gemm-fp8-w8a8");
+    }
+    let (q, f) = (m.expert_weight_bytes(), float.expert_weight_bytes());
+    assert!(
+        q * 4 >= f && q * 4 < f * 11 / 10,
+        "fp8 {q} bytes vs f32 {f}"
+    );
+    let gf = run(&mut float, 1);
+    eprintln!("fp8: {g1:?}\nfloat: {gf:?}");
+}

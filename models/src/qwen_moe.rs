@@ -237,6 +237,21 @@ impl QwenMoeForCausalLM {
         })
     }
 
+    /// The MoE layers' blocks (gate + FusedMoe), in layer order.
+    pub fn moe_blocks(&self) -> impl Iterator<Item = &SparseMoeBlock> {
+        self.layers.iter().filter_map(|l| match &l.mlp {
+            Mlp::Moe(m) => Some(m.as_ref()),
+            Mlp::Dense(_) => None,
+        })
+    }
+
+    /// Bytes of routed-expert weights (scales included) this model holds.
+    pub fn expert_weight_bytes(&self) -> usize {
+        self.moe_blocks()
+            .map(|b| b.moe().kernel().experts().weight_bytes())
+            .sum()
+    }
+
     pub fn config(&self) -> &QwenMoeConfig {
         &self.cfg
     }

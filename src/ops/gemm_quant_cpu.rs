@@ -76,7 +76,7 @@ impl QMat<'_> {
                 for (j, o) in out.iter_mut().enumerate() {
                     let c = k0 + j;
                     let b = q[(n * k + c) / 2];
-                    let nib = if c % 2 == 0 { b & 0xf } else { b >> 4 };
+                    let nib = if c.is_multiple_of(2) { b & 0xf } else { b >> 4 };
                     let s = MX_HALF_SCALE[scales[(n * k + c) / MX_GROUP] as usize] * 2.0;
                     *o = e2m1_to_f32(nib) * s;
                 }
@@ -231,7 +231,9 @@ mod avx2 {
             while kk + 16 <= k1 {
                 if kk % 64 == 0 {
                     for p in wp {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(kk + AHEAD_ROWS * k) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            p.wrapping_add(kk + AHEAD_ROWS * k) as *const i8
+                        );
                     }
                 }
                 let wv: [[__m256; 2]; NW] = std::array::from_fn(|j| fp8_dec16(wp[j].add(kk)));
@@ -284,7 +286,9 @@ mod avx2 {
         for gi in 0..k / MX_GROUP {
             if gi % 4 == 0 {
                 for p in wp {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8
+                    );
                 }
             }
             let wv: [[__m256; 4]; NW] = std::array::from_fn(|j| mx_dec32(wp[j].add(gi * 16)));
