@@ -173,10 +173,10 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fp8_dec16(p: *const u8) -> [__m256; 2] {
-        let x = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
-        let s = _mm256_slli_epi16::<8>(_mm256_and_si256(x, _mm256_set1_epi16(0x80)));
-        let m = _mm256_slli_epi16::<7>(_mm256_and_si256(x, _mm256_set1_epi16(0x7f)));
-        let h = _mm256_or_si256(s, m);
+        // x << 7 puts exponent and mantissa in f16 place (bits 7..13) and the
+        // sign at bit 14; adding bit 14 to itself moves it to bit 15
+        let t = _mm256_slli_epi16::<7>(_mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i)));
+        let h = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
         [
             _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
             _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)),
