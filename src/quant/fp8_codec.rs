@@ -59,6 +59,24 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     sign | (((exp + 7) as u8) << 3) | m3 as u8
 }
 
+/// The e4m3 value nearest to `x` (ties to even, saturating at ±448) as an
+/// f32, without going through the byte: `e4m3_to_f32(f32_to_e4m3(x))` in a
+/// few branch-free bit operations, for quantize-dequantize of activations.
+#[inline(always)]
+pub fn round_to_e4m3(x: f32) -> f32 {
+    let a = x.abs().min(E4M3_MAX);
+    let r = if a < 0.015625 {
+        // subnormal e4m3: multiples of 2^-9, the ulp of 2^14, so the
+        // addition rounds to nearest even (no libm call)
+        (a + 16384.0) - 16384.0
+    } else {
+        // keep 3 mantissa bits, rounding the 20 dropped ones to nearest even
+        let b = a.to_bits();
+        f32::from_bits((b + 0x7_ffff + ((b >> 20) & 1)) & 0xfff0_0000)
+    };
+    r.copysign(x)
+}
+
 /// How a quantizer rounds its intermediate `w / scale` and the scale itself:
 /// torch computes them in the model's dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -106,28 +124,32 @@ pub fn quantize_fp8_block(
     bk: usize,
     prec: SourcePrecision,
 ) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
     assert_eq!(w.len(), n * k, "quantize_fp8_block: {} != {n}x{k}", w.len());
-    let (nb, kb) = (n.div_ceil(bn), k.div_ceil(bk));
-    let mut scales = vec![0f32; nb * kb];
-    for (i, s) in scales.iter_mut().enumerate() {
-        let (r, c) = (i / kb, i % kb);
-        let mut amax = 0f32;
-        for row in r * bn..((r + 1) * bn).min(n) {
-            for v in &w[row * k + c * bk..row * k + ((c + 1) * bk).min(k)] {
-                amax = amax.max(v.abs());
+    let kb = k.div_ceil(bk);
+    let mut q = vec![0u8; n * k];
+    let mut scales = vec![0f32; n.div_ceil(bn) * kb];
+    // one row block per task: its scales, then its bytes
+    q.par_chunks_mut(bn * k)
+        .zip(scales.par_chunks_mut(kb))
+        .zip(w.par_chunks(bn * k))
+        .for_each(|((q, s), w)| {
+            let rows = w.len() / k;
+            for (c, s) in s.iter_mut().enumerate() {
+                let cols = c * bk..((c + 1) * bk).min(k);
+                let mut amax = 0f32;
+                for r in 0..rows {
+                    for v in &w[r * k + cols.start..r * k + cols.end] {
+                        amax = amax.max(v.abs());
+                    }
+                }
+                let sc = prec.round(amax / E4M3_MAX);
+                *s = if sc == 0.0 { prec.eps() } else { sc };
             }
-        }
-        let sc = prec.round(amax / E4M3_MAX);
-        *s = if sc == 0.0 { prec.eps() } else { sc };
-    }
-    let q = w
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let s = scales[(i / k / bn) * kb + (i % k) / bk];
-            f32_to_e4m3(prec.round(v / s))
-        })
-        .collect();
+            for (i, (q, &v)) in q.iter_mut().zip(w).enumerate() {
+                *q = f32_to_e4m3(prec.round(v / s[(i % k) / bk]));
+            }
+        });
     (q, scales)
 }
 
@@ -140,7 +162,7 @@ pub fn fake_quant_fp8_groups(x: &mut [f32], group: usize) {
         let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
         let s = amax.max(1e-10) / E4M3_MAX;
         for v in g.iter_mut() {
-            *v = e4m3_to_f32(f32_to_e4m3(*v / s)) * s;
+            *v = round_to_e4m3(*v / s) * s;
         }
     }
 }
@@ -181,6 +203,31 @@ mod tests {
         assert_eq!(f32_to_e4m3(0.5 * 2f32.powi(-9)), 0x00);
         // carry from the top subnormal into the min normal
         assert_eq!(f32_to_e4m3(7.6 * 2f32.powi(-9)), 0x08);
+    }
+
+    #[test]
+    fn fast_rounding_agrees_with_the_byte_path() {
+        let mut x = 1e-5f32;
+        let mut n = 0;
+        while x < 600.0 {
+            for v in [x, -x, x * 1.0001, x * 0.9999] {
+                let want = e4m3_to_f32(f32_to_e4m3(v));
+                assert_eq!(round_to_e4m3(v).to_bits(), want.to_bits(), "{v}");
+                n += 1;
+            }
+            x *= 1.0009;
+        }
+        // every midpoint between neighbours (the ties)
+        for b in 0..0x7eu8 {
+            let mid = (e4m3_to_f32(b) + e4m3_to_f32(b + 1)) / 2.0;
+            assert_eq!(
+                round_to_e4m3(mid),
+                e4m3_to_f32(f32_to_e4m3(mid)),
+                "tie {mid}"
+            );
+        }
+        assert_eq!(round_to_e4m3(0.0).to_bits(), 0);
+        assert!(n > 10_000);
     }
 
     #[test]

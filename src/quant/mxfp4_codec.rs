@@ -75,21 +75,28 @@ pub fn mx_scale_exponent(amax: f32) -> u8 {
 /// Quantizes a row-major `[n, k]` matrix (`k` a multiple of 32): returns the
 /// packed bytes `[n, k/2]` and the e8m0 scales `[n, k/32]`.
 pub fn quantize_mxfp4(w: &[f32], n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
+    use rayon::prelude::*;
     assert!(k.is_multiple_of(MX_GROUP), "quantize_mxfp4: k = {k}");
     assert_eq!(w.len(), n * k, "quantize_mxfp4: {} != {n}x{k}", w.len());
     let mut packed = vec![0u8; n * k / 2];
     let mut scales = vec![0u8; n * k / MX_GROUP];
-    for (gi, g) in w.chunks(MX_GROUP).enumerate() {
-        let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let e = mx_scale_exponent(amax);
-        scales[gi] = e;
-        let inv = e8m0_to_f32(e);
-        for (j, pair) in g.chunks(2).enumerate() {
-            let lo = f32_to_e2m1((pair[0] / inv).clamp(-6.0, 6.0));
-            let hi = f32_to_e2m1((pair[1] / inv).clamp(-6.0, 6.0));
-            packed[gi * MX_GROUP / 2 + j] = lo | (hi << 4);
-        }
-    }
+    const TASK: usize = 1024; // groups per rayon task
+    packed
+        .par_chunks_mut(TASK * MX_GROUP / 2)
+        .zip(scales.par_chunks_mut(TASK))
+        .zip(w.par_chunks(TASK * MX_GROUP))
+        .for_each(|((p, s), w)| {
+            for ((g, s), p) in w.chunks(MX_GROUP).zip(s).zip(p.chunks_mut(MX_GROUP / 2)) {
+                let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+                *s = mx_scale_exponent(amax);
+                let inv = e8m0_to_f32(*s);
+                for (pair, b) in g.chunks(2).zip(p) {
+                    let lo = f32_to_e2m1((pair[0] / inv).clamp(-6.0, 6.0));
+                    let hi = f32_to_e2m1((pair[1] / inv).clamp(-6.0, 6.0));
+                    *b = lo | (hi << 4);
+                }
+            }
+        });
     (packed, scales)
 }
 
