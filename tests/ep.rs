@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_moe::dist::{NaiveEpPrepareAndFinalize, ThreadWorld};
-use candle_moe::quant::Unquantized;
+use candle_moe::modular::{Experts, ReferenceExperts};
+use candle_moe::quant::{ExpertLayerSpec, QuantMethod, TensorSpec, Unquantized};
 use candle_moe::{EpConfig, FusedMoe, FusedMoeConfig, PlacementStrategy};
 use candle_nn::VarBuilder;
 use common::*;
@@ -56,6 +57,42 @@ fn checkpoint(
     m
 }
 
+/// Loads the local experts into [`ReferenceExperts`], which never reads the
+/// expert map.
+#[derive(Debug)]
+struct MapIgnoring;
+
+impl QuantMethod for MapIgnoring {
+    fn name(&self) -> &'static str {
+        "map-ignoring"
+    }
+    fn expert_tensors(&self, s: &ExpertLayerSpec) -> Vec<TensorSpec> {
+        Unquantized.expert_tensors(s)
+    }
+    fn create_experts(
+        &self,
+        s: &ExpertLayerSpec,
+        vb: &VarBuilder,
+        local_ids: &[usize],
+    ) -> candle_moe::Result<Arc<dyn Experts>> {
+        let (h, i) = (s.hidden_size, s.intermediate_size);
+        let mut w13 = vec![];
+        let mut w2 = vec![];
+        for &g in local_ids {
+            let v = vb.pp(g);
+            let gate = v.pp("gate_proj").get((i, h), "weight")?;
+            let up = v.pp("up_proj").get((i, h), "weight")?;
+            w13.push(Tensor::cat(&[&gate, &up], 0)?);
+            w2.push(v.pp("down_proj").get((h, i), "weight")?);
+        }
+        Ok(Arc::new(ReferenceExperts::new(
+            Tensor::stack(&w13, 0)?,
+            Tensor::stack(&w2, 0)?,
+            s.activation,
+        )?))
+    }
+}
+
 fn run_world(
     e: usize,
     top_k: usize,
@@ -63,6 +100,27 @@ fn run_world(
     strategy: PlacementStrategy,
     tokens: &[usize],
     shared: Option<usize>,
+) {
+    run_world_with(
+        e,
+        top_k,
+        ep,
+        strategy,
+        tokens,
+        shared,
+        Arc::new(Unquantized),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_world_with(
+    e: usize,
+    top_k: usize,
+    ep: usize,
+    strategy: PlacementStrategy,
+    tokens: &[usize],
+    shared: Option<usize>,
+    method: Arc<dyn QuantMethod>,
 ) {
     let (h, i) = (48, 24);
     let mut rng = Rng::new((e * 100 + ep * 10 + tokens.len()) as u64);
@@ -98,10 +156,11 @@ fn run_world(
                 };
                 let ckpt = ckpt.clone();
                 let (x, l) = inputs[rank].clone();
+                let method = method.clone();
                 s.spawn(move || {
                     let pf = Arc::new(NaiveEpPrepareAndFinalize::new(Arc::new(comm)));
                     let vb = VarBuilder::from_tensors(ckpt, DType::F32, &Device::Cpu);
-                    let moe = FusedMoe::with_quant(&cfg, vb, Arc::new(Unquantized), pf).unwrap();
+                    let moe = FusedMoe::with_quant(&cfg, vb, method, pf).unwrap();
                     assert_eq!(moe.expert_map_manager().placement_strategy(), strategy);
                     let y = moe.forward(&x, &l).unwrap();
                     (y, moe.kernel().experts().weight_bytes())
@@ -265,4 +324,20 @@ fn a_failed_rank_poisons_the_world_instead_of_hanging() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(errs, vec![true, true, true]);
+}
+
+/// An experts implementation that ignores the expert map (plain candle ops,
+/// `supports_expert_map() == false`) behind the naive EP dispatch: the kernel
+/// localises the routed ids, and every rank still gets the single-rank output.
+#[test]
+fn experts_that_ignore_the_expert_map() {
+    for (e, ep, s) in [
+        (9, 2, PlacementStrategy::Linear),
+        (9, 2, PlacementStrategy::RoundRobin),
+        (60, 4, PlacementStrategy::Linear),
+        (60, 4, PlacementStrategy::RoundRobin),
+    ] {
+        let tokens: Vec<usize> = (0..ep).map(|r| [5, 0, 13, 2][r % 4]).collect();
+        run_world_with(e, 4, ep, s, &tokens, Some(16), Arc::new(MapIgnoring));
+    }
 }

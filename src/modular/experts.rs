@@ -52,6 +52,12 @@ pub struct ExpertsOutput {
 pub trait Experts: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     fn activation_format(&self) -> ActivationFormat;
+    /// Whether `apply` honours `expert_map` (global ids in, non-local slots
+    /// skipped). When false, the kernel hands it local ids instead: non-local
+    /// slots become local expert 0 with routing weight 0.
+    fn supports_expert_map(&self) -> bool {
+        true
+    }
     fn local_num_experts(&self) -> usize;
     /// Bytes of expert weights this implementation holds (what a decode step
     /// may have to stream, and what expert parallelism divides).

@@ -3,8 +3,29 @@
 use super::experts::{ExpertApplyArgs, Experts};
 use super::metadata::ExpertTokensMetadata;
 use super::prepare_finalize::PrepareAndFinalize;
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 use std::sync::Arc;
+
+/// Global top-k ids → local ids through `expert_map` (`[E]`, -1 where not
+/// local), with non-local slots sent to local expert 0 at weight 0. Candle
+/// ops only: runs on the routing tensors' device, no host round-trip.
+pub fn localize_topk(
+    topk_weights: &Tensor,
+    topk_ids: &Tensor,
+    expert_map: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let shape = topk_ids.shape().clone();
+    let local = expert_map
+        .to_dtype(DType::I64)?
+        .index_select(&topk_ids.flatten_all()?, 0)?
+        .reshape(shape)?;
+    let owned = local.ge(0i64)?;
+    let zeros_i = local.zeros_like()?;
+    let ids = owned.where_cond(&local, &zeros_i)?.to_dtype(DType::U32)?;
+    let w = topk_weights.to_dtype(DType::F32)?;
+    let weights = owned.where_cond(&w, &w.zeros_like()?)?;
+    Ok((weights, ids))
+}
 
 #[derive(Clone, Debug)]
 pub struct FusedMoeKernel {
@@ -75,19 +96,33 @@ impl FusedMoeKernel {
             global_num_experts,
             expert_map,
         )?;
+        // experts that cannot read the map get local ids (and zero weights
+        // for slots this rank does not own)
+        let (topk_weights, topk_ids, num_experts, expert_map) = match expert_map {
+            Some(map) if !self.experts.supports_expert_map() => {
+                let (w, ids) = localize_topk(&p.topk_weights, &p.topk_ids, map)?;
+                (w, ids, self.experts.local_num_experts(), None)
+            }
+            _ => (
+                p.topk_weights.clone(),
+                p.topk_ids.clone(),
+                global_num_experts,
+                expert_map,
+            ),
+        };
         let out = self.experts.apply(&ExpertApplyArgs {
             hidden_states: &p.a1q,
             a1q_scale: p.a1q_scale.as_ref(),
-            topk_weights: &p.topk_weights,
-            topk_ids: &p.topk_ids,
-            global_num_experts,
+            topk_weights: &topk_weights,
+            topk_ids: &topk_ids,
+            global_num_experts: num_experts,
             expert_map,
             expert_tokens_meta: p.expert_tokens_meta.as_ref(),
         })?;
         let y = self.prepare_finalize.finalize(
             &out.output,
-            &p.topk_weights,
-            &p.topk_ids,
+            &topk_weights,
+            &topk_ids,
             self.experts.finalize_weight_and_reduce(),
             hidden_states.dtype(),
         )?;

@@ -7,14 +7,16 @@ pub mod experts;
 pub mod kernel;
 pub mod metadata;
 pub mod prepare_finalize;
+pub mod reference_experts;
 pub mod weight_reduce;
 
 pub use experts::{
     ActQuant, ExpertApplyArgs, Experts, GroupedGemmExperts, ProblemSize, WorkspaceShapes,
 };
-pub use kernel::FusedMoeKernel;
+pub use kernel::{localize_topk, FusedMoeKernel};
 pub use metadata::ExpertTokensMetadata;
 pub use prepare_finalize::{
     ActivationFormat, LocalPrepareAndFinalize, PrepareAndFinalize, Prepared,
 };
+pub use reference_experts::ReferenceExperts;
 pub use weight_reduce::TopKWeightAndReduce;
