@@ -351,3 +351,115 @@ fn bad_quantized_tensors_are_named_errors() {
     let err = QuantScheme::from_config(&qc).unwrap_err().to_string();
     assert!(err.contains("nvfp4-pack-quantized"), "{err}");
 }
+
+/// gpt-oss's MXFP4 layout (`*_blocks` / `*_scales` per layer, gate and up rows
+/// interleaved, biases) gives exactly the layer that the compressed-tensors
+/// per-expert layout of the same quantized weights gives.
+#[test]
+fn gpt_oss_blocks_layout_equals_compressed_tensors_layout() {
+    use candle_moe::{FusedMoe, FusedMoeConfig};
+    use candle_nn::VarBuilder;
+    use std::collections::HashMap;
+    let dev = Device::Cpu;
+    let (h, i, e) = (64usize, 32usize, 4usize);
+    let mut seed = 5u64;
+    let mut rnd = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 33) % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    };
+    let mut ct = HashMap::new();
+    let (mut blocks13, mut scales13, mut blocks2, mut scales2) = (vec![], vec![], vec![], vec![]);
+    let (mut bias13, mut bias2) = (vec![], vec![]);
+    for x in 0..e {
+        let (gate, up, down) = (rnd(i * h), rnd(i * h), rnd(h * i));
+        let (bg, bu, bd) = (rnd(i), rnd(i), rnd(h));
+        let (gq, gs) = quantize_mxfp4(&gate, i, h);
+        let (uq, us) = quantize_mxfp4(&up, i, h);
+        let (dq, ds) = quantize_mxfp4(&down, h, i);
+        for (p, q, s, n, k, b) in [
+            ("gate_proj", &gq, &gs, i, h, &bg),
+            ("up_proj", &uq, &us, i, h, &bu),
+            ("down_proj", &dq, &ds, h, i, &bd),
+        ] {
+            let pre = format!("experts.{x}.{p}");
+            ct.insert(
+                format!("{pre}.weight_packed"),
+                Tensor::from_vec(q.clone(), (n, k / 2), &dev).unwrap(),
+            );
+            ct.insert(
+                format!("{pre}.weight_scale"),
+                Tensor::from_vec(s.clone(), (n, k / 32), &dev).unwrap(),
+            );
+            ct.insert(
+                format!("{pre}.bias"),
+                Tensor::from_vec(b.clone(), n, &dev).unwrap(),
+            );
+        }
+        // gpt-oss: row 2r is gate row r, row 2r+1 is up row r
+        for r in 0..i {
+            blocks13.extend_from_slice(&gq[r * h / 2..(r + 1) * h / 2]);
+            blocks13.extend_from_slice(&uq[r * h / 2..(r + 1) * h / 2]);
+            scales13.extend_from_slice(&gs[r * h / 32..(r + 1) * h / 32]);
+            scales13.extend_from_slice(&us[r * h / 32..(r + 1) * h / 32]);
+            bias13.extend([bg[r], bu[r]]);
+        }
+        blocks2.extend(dq);
+        scales2.extend(ds);
+        bias2.extend(bd);
+    }
+    let oss = HashMap::from([
+        (
+            "experts.gate_up_proj_blocks".to_string(),
+            Tensor::from_vec(blocks13, (e, 2 * i, h / 32, 16), &dev).unwrap(),
+        ),
+        (
+            "experts.gate_up_proj_scales".to_string(),
+            Tensor::from_vec(scales13, (e, 2 * i, h / 32), &dev).unwrap(),
+        ),
+        (
+            "experts.down_proj_blocks".to_string(),
+            Tensor::from_vec(blocks2, (e, h, i / 32, 16), &dev).unwrap(),
+        ),
+        (
+            "experts.down_proj_scales".to_string(),
+            Tensor::from_vec(scales2, (e, h, i / 32), &dev).unwrap(),
+        ),
+        (
+            "experts.gate_up_proj_bias".to_string(),
+            Tensor::from_vec(bias13, (e, 2 * i), &dev).unwrap(),
+        ),
+        (
+            "experts.down_proj_bias".to_string(),
+            Tensor::from_vec(bias2, (e, h), &dev).unwrap(),
+        ),
+    ]);
+    let mut cfg = FusedMoeConfig::new(h, i, e, 2);
+    cfg.has_bias = true;
+    cfg.quant = Some(QuantScheme::Mxfp4(candle_moe::quant::Mxfp4::default()));
+    let a = FusedMoe::new(&cfg, VarBuilder::from_tensors(ct, DType::F32, &dev)).unwrap();
+    let b = FusedMoe::new(&cfg, VarBuilder::from_tensors(oss, DType::F32, &dev)).unwrap();
+    let x = Tensor::from_vec(rnd(5 * h), (5, h), &dev).unwrap();
+    let l = Tensor::from_vec(rnd(5 * e), (5, e), &dev).unwrap();
+    let ya = a
+        .forward(&x, &l)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let yb = b
+        .forward(&x, &l)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(ya.iter().any(|v| v.abs() > 1e-3));
+    assert_eq!(ya, yb);
+}

@@ -3,6 +3,13 @@
 //! `weight_scale` U8 e8m0 `[N, K/32]`, kept packed (4.25 bits per weight) and
 //! decoded inside the GEMM; activations stay float (W4A16). Float experts can
 //! be quantized on load with the same rule llm-compressor applies.
+//!
+//! gpt-oss checkpoints store the same format per layer:
+//! `gate_up_proj_blocks` `[E, 2I, H/32, 16]` with gate and up rows interleaved
+//! (even rows gate, odd rows up), `gate_up_proj_scales` `[E, 2I, H/32]`,
+//! `down_proj_blocks` / `down_proj_scales`, and f32/bf16 biases; they are read
+//! (local experts only) and de-interleaved into the `[gate; up]` stack. gpt-oss's
+//! clamped SwiGLU is not one of the activations here yet.
 
 use super::loading::{
     check_local_ids, full_name, get_dtype, load_biases, tensor_bytes, FloatExperts,
@@ -45,6 +52,100 @@ impl Mxfp4 {
             ));
         }
         Ok((q, s))
+    }
+}
+
+/// Rows `[even..., odd...]` of a row-major `[2·half, width]` matrix.
+fn deinterleave_rows<T: Copy>(m: &[T], half: usize, width: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(m.len());
+    for parity in 0..2 {
+        for r in 0..half {
+            let row = 2 * r + parity;
+            out.extend_from_slice(&m[row * width..(row + 1) * width]);
+        }
+    }
+    out
+}
+
+impl Mxfp4 {
+    fn load_gpt_oss(
+        s: &ExpertLayerSpec,
+        vb: &VarBuilder,
+        local_ids: &[usize],
+    ) -> Result<Arc<dyn Experts>> {
+        let (h, i, eg, e) = (
+            s.hidden_size,
+            s.intermediate_size,
+            s.global_num_experts,
+            local_ids.len(),
+        );
+        let (g13, g2) = (h / MX_GROUP, i / MX_GROUP);
+        let t = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            get_dtype(vb, shape, name, DType::U8)
+        };
+        let b13 = t("gate_up_proj_blocks", &[eg, 2 * i, g13, 16])?;
+        let s13 = t("gate_up_proj_scales", &[eg, 2 * i, g13])?;
+        let b2 = t("down_proj_blocks", &[eg, h, g2, 16])?;
+        let s2 = t("down_proj_scales", &[eg, h, g2])?;
+        let (mut q13, mut sc13, mut q2, mut sc2) = (vec![], vec![], vec![], vec![]);
+        for &g in local_ids {
+            let bytes = |t: &Tensor, name: &str| tensor_bytes(&t.get(g)?, &full_name(vb, name));
+            q13.extend(deinterleave_rows(
+                &bytes(&b13, "gate_up_proj_blocks")?,
+                i,
+                h / 2,
+            ));
+            sc13.extend(deinterleave_rows(
+                &bytes(&s13, "gate_up_proj_scales")?,
+                i,
+                g13,
+            ));
+            q2.extend(bytes(&b2, "down_proj_blocks")?);
+            sc2.extend(bytes(&s2, "down_proj_scales")?);
+        }
+        for (v, name) in [(&sc13, "gate_up_proj_scales"), (&sc2, "down_proj_scales")] {
+            if let Some(p) = v.iter().position(|&b| b == 255) {
+                return Err(MoeError::weight(
+                    full_name(vb, name),
+                    format!("scale byte 255 (NaN in e8m0) at local element {p}"),
+                ));
+            }
+        }
+        let (bias13, bias2) = if s.has_bias {
+            let gu = get_dtype(vb, &[eg, 2 * i], "gate_up_proj_bias", DType::F32)?;
+            let d = get_dtype(vb, &[eg, h], "down_proj_bias", DType::F32)?;
+            let (mut v13, mut v2) = (vec![], vec![]);
+            for &g in local_ids {
+                v13.extend(deinterleave_rows(&gu.get(g)?.to_vec1::<f32>()?, i, 1));
+                v2.extend(d.get(g)?.to_vec1::<f32>()?);
+            }
+            let dev = vb.device();
+            (
+                Some(Tensor::from_vec(v13, (e, 2 * i), dev)?),
+                Some(Tensor::from_vec(v2, (e, h), dev)?),
+            )
+        } else {
+            (None, None)
+        };
+        let dev = vb.device();
+        Ok(Arc::new(GroupedGemmExperts::quantized(
+            (
+                Tensor::from_vec(q13, (e, 2 * i, h / 2), dev)?,
+                Some(WeightQuant::Mxfp4 {
+                    scales: Tensor::from_vec(sc13, (e, 2 * i, g13), dev)?,
+                }),
+            ),
+            (
+                Tensor::from_vec(q2, (e, h, i / 2), dev)?,
+                Some(WeightQuant::Mxfp4 {
+                    scales: Tensor::from_vec(sc2, (e, h, g2), dev)?,
+                }),
+            ),
+            bias13,
+            bias2,
+            s.activation,
+            None,
+        )?))
     }
 }
 
@@ -95,6 +196,9 @@ impl QuantMethod for Mxfp4 {
             return Err(MoeError::config(format!(
                 "mxfp4 needs hidden ({h}) and intermediate ({i}) sizes that are multiples of 32"
             )));
+        }
+        if vb.contains_tensor("gate_up_proj_blocks") && !self.on_load {
+            return Self::load_gpt_oss(s, vb, local_ids);
         }
         let mut q13 = Vec::with_capacity(e * i * h);
         let mut s13 = Vec::with_capacity(e * 2 * i * h / MX_GROUP);
