@@ -39,6 +39,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod dist;
 pub mod error;
 pub mod expert_map;

@@ -111,6 +111,44 @@ impl CustomOp1 for ActAndMul {
         }
         Ok((CpuStorage::F32(out), Shape::from((r, i))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{elementwise, i32_arg, launch, zeros, F32Operand};
+        let (r, n2) = l.shape().dims2()?;
+        if n2 % 2 != 0 {
+            bail!("act_and_mul: last dim {n2} is odd")
+        }
+        let i = n2 / 2;
+        let dev = &s.device;
+        let x = F32Operand::new(s, l, "act_and_mul input")?;
+        let xv = x.view()?;
+        let out = zeros::<f32>(dev, r * i)?;
+        let (ri, ii) = (i32_arg(r, "rows")?, i32_arg(i, "intermediate")?);
+        let act: i32 = match self.act {
+            Activation::Silu => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+        };
+        launch!(
+            dev,
+            "moe_act_and_mul_f32",
+            elementwise(r * i),
+            &xv,
+            &out,
+            &ri,
+            &ii,
+            &act
+        );
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((r, i)),
+        ))
+    }
 }
 
 /// `[R, 2I]` → F32 `[R, I]`: `act(x[:, :I]) · x[:, I:]`.

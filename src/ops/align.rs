@@ -118,6 +118,64 @@ impl MoeAlign {
         Ok(out)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_run(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        map: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{i32_arg, launch, view, zeros};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let lay = &self.layout;
+        let dev = &s.device;
+        let ids = view::<u32>(s, l, "topk ids")?;
+        let dummy = zeros::<i32>(dev, 1)?;
+        let mv = match map {
+            Some((ms, ml)) => view::<i32>(ms, ml, "expert map")?,
+            None => dummy.slice(..),
+        };
+        let has_map: i32 = map.is_some().into();
+        let out = zeros::<u32>(dev, lay.len())?;
+        let shared = (3 * lay.num_experts + 1) * 4;
+        if shared > 48 * 1024 {
+            bail!(
+                "align: {} experts exceed the kernel's shared memory",
+                lay.num_experts
+            )
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let numel = i32_arg(lay.numel, "topk ids")?;
+        let bs = i32_arg(lay.block_size, "block size")?;
+        let ne = i32_arg(lay.num_experts, "experts")?;
+        let nl = i32_arg(lay.num_local_experts, "local experts")?;
+        let mp = i32_arg(lay.max_num_tokens_padded, "padded tokens")?;
+        let mb = i32_arg(lay.max_num_blocks, "blocks")?;
+        launch!(
+            dev,
+            "moe_align",
+            cfg,
+            &ids,
+            &mv,
+            &has_map,
+            &out,
+            &numel,
+            &bs,
+            &ne,
+            &nl,
+            &mp,
+            &mb
+        );
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(lay.len()),
+        ))
+    }
+
     fn check_ids(&self, l: &Layout) -> Result<()> {
         if l.shape().elem_count() != self.layout.numel {
             bail!(
@@ -140,6 +198,16 @@ impl CustomOp1 for MoeAlign {
         let out = self.run(ids, None)?;
         let n = out.len();
         Ok((CpuStorage::U32(out), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.check_ids(l)?;
+        self.cuda_run(s, l, None)
     }
 }
 
@@ -167,6 +235,25 @@ impl CustomOp2 for MoeAlign {
         let out = self.run(ids, Some(map))?;
         let n = out.len();
         Ok((CpuStorage::U32(out), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        sm: &candle_core::CudaStorage,
+        lm: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.check_ids(l)?;
+        if lm.shape().dims() != [self.layout.num_experts] {
+            bail!(
+                "expert map must be [{}], got {:?}",
+                self.layout.num_experts,
+                lm.shape().dims()
+            )
+        }
+        self.cuda_run(s, l, Some((sm, lm)))
     }
 }
 

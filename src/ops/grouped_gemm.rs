@@ -334,6 +334,21 @@ impl GroupedGemm {
     }
 }
 
+/// The f32 device view behind a held storage guard, or `dummy` when absent.
+#[cfg(feature = "cuda")]
+fn cuda_opt_view<'a, G: std::ops::Deref<Target = Storage>>(
+    g: &'a Option<(G, &Layout)>,
+    dummy: &'a candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
+    match g {
+        None => Ok(dummy.slice(..)),
+        Some((st, lay)) => match &**st {
+            Storage::Cuda(c) => crate::cuda::view::<f32>(c, lay, "optional operand"),
+            _ => bail!("grouped gemm: operand not on the gpu"),
+        },
+    }
+}
+
 impl CustomOp3 for GroupedGemm {
     fn name(&self) -> &'static str {
         "moe-grouped-gemm"
@@ -382,6 +397,163 @@ impl CustomOp3 for GroupedGemm {
             dt => bail!("grouped gemm: unsupported weight dtype {dt:?}"),
         };
         Ok((CpuStorage::F32(out), Shape::from((self.layout.numel, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sa: &candle_core::CudaStorage,
+        la: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+        sr: &candle_core::CudaStorage,
+        lr: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{i32_arg, launch, view, zeros, F32Operand};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        use candle_core::CudaStorage;
+        let (_, k) = la.shape().dims2()?;
+        let (e_local, n, kw) = lw.shape().dims3()?;
+        let k_w = self.args.quant.as_ref().map_or(kw, |q| q.k_of(kw));
+        if k != k_w {
+            bail!("grouped gemm: activations have K = {k}, weights [{e_local}, {n}, {kw}] hold K = {k_w}")
+        }
+        let l = &self.layout;
+        if lr.shape().elem_count() != l.len() {
+            bail!("grouped gemm: routing buffer does not match its layout")
+        }
+        if l.block_size > 64 {
+            bail!(
+                "grouped gemm on cuda: align block size {} > 64",
+                l.block_size
+            )
+        }
+        let dev = &sa.device;
+        let a = F32Operand::new(sa, la, "activations")?;
+        let av = a.view()?;
+        let routing = view::<u32>(sr, lr, "routing")?;
+        // optional operands: a device buffer each, held for the launch
+        let cuda_of = |t: &Tensor, what: &str| -> Result<()> {
+            if !matches!(t.device(), candle_core::Device::Cuda(_)) {
+                bail!("grouped gemm: {what} must be on the gpu like the activations")
+            }
+            Ok(())
+        };
+        let bias_t = match &self.args.bias {
+            Some(b) => {
+                cuda_of(b, "bias")?;
+                if b.elem_count() != e_local * n {
+                    bail!(
+                        "grouped gemm: bias has {} elements, expected {}",
+                        b.elem_count(),
+                        e_local * n
+                    )
+                }
+                Some(b.to_dtype(DType::F32)?.contiguous()?)
+            }
+            None => None,
+        };
+        let wts_t = match &self.args.topk_weights {
+            Some(w) => {
+                cuda_of(w, "topk weights")?;
+                if w.elem_count() != l.numel {
+                    bail!(
+                        "grouped gemm: {} topk weights for {} rows",
+                        w.elem_count(),
+                        l.numel
+                    )
+                }
+                Some(w.to_dtype(DType::F32)?.contiguous()?)
+            }
+            None => None,
+        };
+        let dummy = zeros::<f32>(dev, 1)?;
+        let bias_g = bias_t.as_ref().map(|t| t.storage_and_layout());
+        let wts_g = wts_t.as_ref().map(|t| t.storage_and_layout());
+        let bias_v = cuda_opt_view(&bias_g, &dummy)?;
+        let wts_v = cuda_opt_view(&wts_g, &dummy)?;
+        let has_bias: i32 = bias_t.is_some().into();
+        let has_w: i32 = wts_t.is_some().into();
+        let out = zeros::<f32>(dev, l.numel * n)?;
+        let (ni, ki) = (i32_arg(n, "N")?, i32_arg(k, "K")?);
+        let row_div = i32_arg(self.args.row_div.max(1), "row_div")?;
+        let numel = i32_arg(l.numel, "rows")?;
+        let bs = i32_arg(l.block_size, "block size")?;
+        let mp = i32_arg(l.max_num_tokens_padded, "padded rows")?;
+        let mb = i32_arg(l.max_num_blocks, "blocks")?;
+        let nl = i32_arg(e_local, "local experts")?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                l.max_num_blocks.max(1) as u32,
+                n.div_ceil(64).max(1) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if l.max_num_blocks > 0 && n > 0 {
+            match &self.args.quant {
+                None => {
+                    let (name, ()) = match sw.dtype() {
+                        DType::F32 => ("moe_gemm_f32_f32", ()),
+                        DType::BF16 => ("moe_gemm_f32_bf16", ()),
+                        DType::F16 => ("moe_gemm_f32_f16", ()),
+                        dt => bail!("grouped gemm: unsupported weight dtype {dt:?}"),
+                    };
+                    let (zb, zk) = (0i32, 0i32);
+                    macro_rules! go {
+                        ($t:ty) => {{
+                            let wv = view::<$t>(sw, lw, "weights")?;
+                            launch!(
+                                dev, name, cfg, &av, &wv, &dummy, &routing, &bias_v, &has_bias,
+                                &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &bs, &mp, &mb,
+                                &nl, &zb, &zk
+                            );
+                        }};
+                    }
+                    match sw.dtype() {
+                        DType::F32 => go!(f32),
+                        DType::BF16 => go!(bf16),
+                        _ => go!(f16),
+                    }
+                }
+                Some(q) => {
+                    let st = q.scales().storage_and_layout();
+                    let Storage::Cuda(sc) = &*st.0 else {
+                        bail!("grouped gemm: weight scales must be on the gpu like the weights")
+                    };
+                    let (name, bn, bk) = match q {
+                        WeightQuant::Fp8 { block, .. } => ("moe_gemm_f32_fp8", block.0, block.1),
+                        WeightQuant::Mxfp4 { .. } => ("moe_gemm_f32_mxfp4", 1, 32),
+                    };
+                    let (bni, bki) = (
+                        i32_arg(bn.max(1), "block rows")?,
+                        i32_arg(bk.max(1), "block cols")?,
+                    );
+                    macro_rules! go {
+                        ($t:ty, $s:ty) => {{
+                            let wv = view::<$t>(sw, lw, "weights")?;
+                            let sv = view::<$s>(sc, st.1, "weight scales")?;
+                            launch!(
+                                dev, name, cfg, &av, &wv, &sv, &routing, &bias_v, &has_bias,
+                                &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &bs, &mp, &mb,
+                                &nl, &bni, &bki
+                            );
+                        }};
+                    }
+                    match (q, sw.dtype()) {
+                        (WeightQuant::Fp8 { .. }, DType::U8) => go!(u8, f32),
+                        (WeightQuant::Fp8 { .. }, DType::F8E4M3) => go!(float8::F8E4M3, f32),
+                        (WeightQuant::Mxfp4 { .. }, DType::U8) => go!(u8, u8),
+                        (_, dt) => bail!("grouped gemm: quantized weights must be U8 (or F8E4M3 for fp8), got {dt:?}"),
+                    }
+                }
+            }
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((l.numel, n)),
+        ))
     }
 }
 

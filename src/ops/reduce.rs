@@ -49,6 +49,104 @@ impl WeightedSum {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl WeightedSum {
+    fn cuda_run(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        w: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{elementwise, i32_arg, launch, zeros, F32Operand};
+        use candle_core::CudaStorage;
+        let (rows, h) = l.shape().dims2()?;
+        let k = self.top_k;
+        if k == 0 || rows % k != 0 {
+            bail!("moe_weighted_sum: {rows} rows is not a multiple of top_k {k}")
+        }
+        let t = rows / k;
+        let dev = &s.device;
+        let y = F32Operand::new(s, l, "expert output")?;
+        let yv = y.view()?;
+        let dummy = zeros::<f32>(dev, 1)?;
+        let wop = match w {
+            Some((ws, wl)) => {
+                if wl.shape().elem_count() != rows {
+                    bail!(
+                        "moe_weighted_sum: {} weights for {rows} rows",
+                        wl.shape().elem_count()
+                    )
+                }
+                Some(F32Operand::new(ws, wl, "topk weights")?)
+            }
+            None => None,
+        };
+        let has_w: i32 = wop.is_some().into();
+        let wv = match &wop {
+            Some(w) => w.view()?,
+            None => dummy.slice(..),
+        };
+        let (ti, ki, hi) = (
+            i32_arg(t, "tokens")?,
+            i32_arg(k, "top_k")?,
+            i32_arg(h, "hidden")?,
+        );
+        let cfg = elementwise(t * h);
+        let out = match self.out_dtype {
+            DType::F32 => {
+                let o = zeros::<f32>(dev, t * h)?;
+                launch!(
+                    dev,
+                    "moe_weighted_sum_f32",
+                    cfg,
+                    &yv,
+                    &wv,
+                    &has_w,
+                    &o,
+                    &ti,
+                    &ki,
+                    &hi
+                );
+                CudaStorage::wrap_cuda_slice(o, dev.clone())
+            }
+            DType::BF16 => {
+                let o = zeros::<bf16>(dev, t * h)?;
+                launch!(
+                    dev,
+                    "moe_weighted_sum_bf16",
+                    cfg,
+                    &yv,
+                    &wv,
+                    &has_w,
+                    &o,
+                    &ti,
+                    &ki,
+                    &hi
+                );
+                CudaStorage::wrap_cuda_slice(o, dev.clone())
+            }
+            DType::F16 => {
+                let o = zeros::<f16>(dev, t * h)?;
+                launch!(
+                    dev,
+                    "moe_weighted_sum_f16",
+                    cfg,
+                    &yv,
+                    &wv,
+                    &has_w,
+                    &o,
+                    &ti,
+                    &ki,
+                    &hi
+                );
+                CudaStorage::wrap_cuda_slice(o, dev.clone())
+            }
+            dt => bail!("moe_weighted_sum: unsupported output dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((t, h))))
+    }
+}
+
 impl CustomOp1 for WeightedSum {
     fn name(&self) -> &'static str {
         "moe-sum"
@@ -56,6 +154,15 @@ impl CustomOp1 for WeightedSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let y = super::to_f32_cow(s, l, "expert output")?;
         self.run(&y, l, None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_run(s, l, None)
     }
 }
 
@@ -73,6 +180,17 @@ impl CustomOp2 for WeightedSum {
         let y = super::to_f32_cow(s, l, "expert output")?;
         let w = super::to_f32_cow(sw, lw, "topk weights")?;
         self.run(&y, l, Some(&w))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_run(s, l, Some((sw, lw)))
     }
 }
 

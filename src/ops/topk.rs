@@ -160,6 +160,86 @@ impl TopKSelect {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl TopKSelect {
+    fn cuda_run(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        bias: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{i32_arg, launch, zeros, F32Operand};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let (t, e) = dims2(l, "router logits")?;
+        self.validate(e)?;
+        let g = self.num_expert_group.max(1);
+        if g > 64 {
+            bail!("grouped top-k on cuda supports at most 64 groups, got {g}")
+        }
+        let dev = &s.device;
+        let x = F32Operand::new(s, l, "router logits")?;
+        let xv = x.view()?;
+        let dummy = zeros::<f32>(dev, 1)?;
+        let b = match bias {
+            Some((bs, bl)) => {
+                if bl.shape().dims() != [e] {
+                    bail!(
+                        "e_score_correction_bias must be [{e}], got {:?}",
+                        bl.shape().dims()
+                    )
+                }
+                Some(F32Operand::new(bs, bl, "e_score_correction_bias")?)
+            }
+            None => None,
+        };
+        let has_bias: i32 = b.is_some().into();
+        let bv = match &b {
+            Some(b) => b.view()?,
+            None => dummy.slice(..),
+        };
+        let ids = zeros::<u32>(dev, t * self.top_k)?;
+        if t > 0 {
+            // one warp per token; each warp keeps its scores in shared memory
+            let per_warp = (e + g) * 4;
+            let warps = (40_000 / per_warp).clamp(1, 4);
+            let cfg = LaunchConfig {
+                grid_dim: (t.div_ceil(warps) as u32, 1, 1),
+                block_dim: (32 * warps as u32, 1, 1),
+                shared_mem_bytes: (warps * per_warp) as u32,
+            };
+            if per_warp > 48 * 1024 {
+                bail!("{e} experts exceed the top-k kernel's shared memory")
+            }
+            let sigmoid: i32 = (self.scoring == ScoringFunc::Sigmoid).into();
+            let (ti, ei, ki) = (
+                i32_arg(t, "tokens")?,
+                i32_arg(e, "experts")?,
+                i32_arg(self.top_k, "top_k")?,
+            );
+            let (gi, tg) = (g as i32, i32_arg(self.topk_group.max(1), "topk_group")?);
+            launch!(
+                dev,
+                "moe_topk_select_f32",
+                cfg,
+                &xv,
+                &bv,
+                &has_bias,
+                &ids,
+                &ti,
+                &ei,
+                &ki,
+                &sigmoid,
+                &gi,
+                &tg
+            );
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(ids, dev.clone()),
+            Shape::from((t, self.top_k)),
+        ))
+    }
+}
+
 impl CustomOp1 for TopKSelect {
     fn name(&self) -> &'static str {
         "moe-topk-select"
@@ -170,6 +250,15 @@ impl CustomOp1 for TopKSelect {
         let logits = logits_f32(s, l)?;
         let ids = self.run(&logits, None, t, e);
         Ok((CpuStorage::U32(ids), Shape::from((t, self.top_k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_run(s, l, None)
     }
 }
 
@@ -196,6 +285,17 @@ impl CustomOp2 for TopKSelect {
         let bias = super::to_f32_cow(sb, lb, "e_score_correction_bias")?;
         let ids = self.run(&logits, Some(&bias), t, e);
         Ok((CpuStorage::U32(ids), Shape::from((t, self.top_k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_run(s, l, Some((sb, lb)))
     }
 }
 
@@ -263,6 +363,61 @@ impl CustomOp2 for RouterWeights {
             w.chunks_mut(k).enumerate().try_for_each(work)?;
         }
         Ok((CpuStorage::F32(w), Shape::from((t, k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        si: &candle_core::CudaStorage,
+        li: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{i32_arg, launch, view, zeros, F32Operand};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let (t, e) = dims2(l, "router logits")?;
+        let (ti, k) = dims2(li, "topk ids")?;
+        if ti != t {
+            bail!("topk ids have {ti} rows, logits {t}")
+        }
+        let dev = &s.device;
+        let x = F32Operand::new(s, l, "router logits")?;
+        let xv = x.view()?;
+        let ids = view::<u32>(si, li, "topk ids")?;
+        let w = zeros::<f32>(dev, t * k)?;
+        if t > 0 {
+            let cfg = LaunchConfig {
+                grid_dim: (t.div_ceil(4) as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let sigmoid: i32 = (self.scoring == ScoringFunc::Sigmoid).into();
+            let renorm: i32 = self.renormalize.into();
+            let (tt, ei, ki) = (
+                i32_arg(t, "tokens")?,
+                i32_arg(e, "experts")?,
+                i32_arg(k, "top_k")?,
+            );
+            let scaling = self.scaling;
+            launch!(
+                dev,
+                "moe_router_weights_f32",
+                cfg,
+                &xv,
+                &ids,
+                &w,
+                &tt,
+                &ei,
+                &ki,
+                &sigmoid,
+                &renorm,
+                &scaling
+            );
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(w, dev.clone()),
+            Shape::from((t, k)),
+        ))
     }
 }
 

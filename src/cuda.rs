@@ -1,0 +1,95 @@
+//! Launching the kernels of `kernels/moe_ops.cu` (feature `cuda`): one PTX
+//! module, loaded once per device by candle, and helpers that turn candle
+//! storages into kernel arguments. Optional pointer arguments are passed as a
+//! valid dummy buffer plus a flag, never as null.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, LaunchConfig, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{cudarc::driver::DeviceRepr, CudaDType, CudaDevice};
+use candle_core::{bail, CudaStorage, DType, Layout, Result};
+
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_ops.ptx"));
+pub(crate) const MODULE: &str = "candle_moe_ops";
+
+/// `launch!(dev, "kernel", cfg, &arg1, &arg2, ...)`: every argument must live
+/// until the end of the enclosing statement block (bind values to locals).
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let f = $dev.get_or_load_custom_func($name, $crate::cuda::MODULE, $crate::cuda::PTX)?;
+        let mut b = f.builder();
+        $( b.arg($arg); )+
+        // SAFETY: the argument list matches the kernel's signature in
+        // kernels/moe_ops.cu; buffers are sized by the caller.
+        candle_core::cuda_backend::WrapErr::w(unsafe { b.launch($cfg) })?;
+    }};
+}
+pub(crate) use launch;
+
+/// A contiguous operand as a typed device view.
+pub(crate) fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{what} must be contiguous")
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// An operand as contiguous f32 (converted on the device when it is not).
+pub(crate) struct F32Operand<'a> {
+    owned: Option<CudaStorage>,
+    orig: &'a CudaStorage,
+    range: (usize, usize),
+}
+
+impl<'a> F32Operand<'a> {
+    pub(crate) fn new(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<Self> {
+        if s.dtype() == DType::F32 {
+            let Some(range) = l.contiguous_offsets() else {
+                bail!("{what} must be contiguous")
+            };
+            return Ok(Self {
+                owned: None,
+                orig: s,
+                range,
+            });
+        }
+        let owned = s.to_dtype(l, DType::F32)?;
+        Ok(Self {
+            owned: Some(owned),
+            orig: s,
+            range: (0, l.shape().elem_count()),
+        })
+    }
+    pub(crate) fn view(&self) -> Result<CudaView<'_, f32>> {
+        let s = self.owned.as_ref().unwrap_or(self.orig);
+        Ok(s.as_cuda_slice::<f32>()?.slice(self.range.0..self.range.1))
+    }
+}
+
+/// A zeroed device buffer (at least one element, so it can stand in for an
+/// absent optional operand).
+pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(n.max(1))
+}
+
+/// Grid-stride launch over `n` elements.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(crate) fn i32_arg(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} exceeds i32")))
+}
