@@ -182,10 +182,12 @@ fn run_grid(f: Format, seed: u64) {
                         // both sides compute the same quantized products in
                         // f32; W8A8 may differ where an activation sits on an
                         // e4m3 rounding boundary (one element off by 1/16)
-                        let (mean_bound, max_bound) = if f == Format::Fp8W8A8 {
-                            (2e-3, 5e-2)
-                        } else {
-                            (1e-5, 1e-4)
+                        // (MXFP4 on AVX-512 BF16 keeps ~16 bits of each
+                        // activation: a high bf16 part and a bf16 residual)
+                        let (mean_bound, max_bound) = match f {
+                            Format::Fp8W8A8 => (2e-3, 5e-2),
+                            Format::Fp8W8A16 => (1e-5, 1e-4),
+                            Format::Mxfp4 => (3e-5, 1e-4),
                         };
                         assert!(mean_rel < mean_bound, "{ctx}: mean rel {mean_rel}");
                         assert!(
