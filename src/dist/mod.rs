@@ -3,9 +3,13 @@
 //! prepare/finalize (all-gather tokens, run local experts, reduce-scatter).
 
 pub mod naive_ep;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod thread_world;
 
 pub use naive_ep::NaiveEpPrepareAndFinalize;
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclComm, NcclId};
 pub use thread_world::{ThreadComm, ThreadWorld};
 
 use candle_core::{Result, Tensor};
