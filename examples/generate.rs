@@ -175,25 +175,33 @@ fn main() -> Result<()> {
         ck.config.stored_dtype(),
         dtype,
     )?;
-    if args.ep_size > 1 && !dev.is_cpu() {
-        bail!("--ep-size > 1 runs ranks as CPU threads; multi-GPU expert parallelism needs NCCL (not built yet)");
+    if args.ep_size > 1 && !dev.is_cpu() && !cfg!(feature = "nccl") {
+        bail!("--ep-size > 1 on cuda needs NCCL: build with --features nccl (on the cpu, ranks are threads)");
     }
     // expert parallelism: ranks 1.. run on threads in lock step with rank 0,
-    // which prints; each rank loads only its experts
-    let mut comms: Vec<Option<ThreadComm>> = if args.ep_size > 1 {
+    // which prints; each rank loads only its experts. On the cpu the ranks
+    // talk through a ThreadWorld; on cuda each rank takes GPU `rank` and NCCL.
+    let mut comms: Vec<Option<RankComm>> = if args.ep_size <= 1 {
+        vec![None]
+    } else if dev.is_cpu() {
         ThreadWorld::new(args.ep_size)
             .into_iter()
-            .map(Some)
+            .map(|c| Some(RankComm::Thread(c)))
             .collect()
     } else {
-        vec![None]
+        nccl_ranks(args.ep_size)?
     };
     let quant = quant_scheme(args.quant.as_deref())?;
-    let load = |comm: Option<ThreadComm>| -> Result<QwenMoeForCausalLM> {
-        let ep = comm.map(|c| {
-            let cfg = EpConfig::new(args.ep_size, c.rank(), args.ep_placement);
-            (cfg, Arc::new(c) as Arc<dyn Communicator>)
-        });
+    // `dev`: the device this rank runs on (each rank builds its own once)
+    let load = |comm: Option<RankComm>, dev: &candle_core::Device| -> Result<QwenMoeForCausalLM> {
+        let ep = match comm {
+            None => None,
+            Some(c) => {
+                let comm = c.connect(dev)?;
+                let cfg = EpConfig::new(args.ep_size, comm.rank(), args.ep_placement);
+                Some((cfg, comm))
+            }
+        };
         let opts = LoadOptions {
             expert_dtype: edt,
             ep,
@@ -201,7 +209,7 @@ fn main() -> Result<()> {
         };
         Ok(QwenMoeForCausalLM::new_with_options(
             &ck.config,
-            ck.var_builder(dtype, &dev)?,
+            ck.var_builder(dtype, dev)?,
             &opts,
         )?)
     };
@@ -225,9 +233,11 @@ fn main() -> Result<()> {
             .map(|comm| {
                 let (load, prompt_ids, args, ck, dev) = (&load, &prompt_ids, &args, &ck, &dev);
                 s.spawn(move || -> Result<()> {
-                    let guard = comm.clone();
+                    let guard = comm.as_ref().and_then(RankComm::thread).cloned();
+                    let rank = comm.as_ref().map_or(0, RankComm::rank);
+                    let dev = &rank_device(dev, rank)?;
                     let r = (|| -> Result<()> {
-                        let mut m = load(comm)?;
+                        let mut m = load(comm, dev)?;
                         let mut sampler = Sampler::new(args.sampling.clone());
                         generate(
                             &mut m,
@@ -248,7 +258,7 @@ fn main() -> Result<()> {
                 })
             })
             .collect();
-        let guard = rank0.clone();
+        let guard = rank0.as_ref().and_then(RankComm::thread).cloned();
         let poison_on_err = |r: Result<()>| {
             if r.is_err() {
                 guard.iter().for_each(ThreadComm::poison);
@@ -256,7 +266,7 @@ fn main() -> Result<()> {
             r
         };
         poison_on_err((|| -> Result<()> {
-            let mut model = load(rank0)?;
+            let mut model = load(rank0, &dev)?;
             eprintln!(
                 "loaded {} ({:?}, {dtype:?}, experts {:?}, ep {} {}) in {:.2}s",
                 dir.display(),
@@ -281,6 +291,68 @@ fn main() -> Result<()> {
                 .map_err(|_| anyhow!("an expert-parallel rank panicked"))??;
         }
         Ok(())
+    })
+}
+
+/// One expert-parallel rank's link to the others.
+enum RankComm {
+    Thread(ThreadComm),
+    #[cfg(feature = "nccl")]
+    Nccl {
+        rank: usize,
+        world: usize,
+        id: candle_moe::dist::NcclId,
+    },
+}
+
+impl RankComm {
+    fn rank(&self) -> usize {
+        match self {
+            Self::Thread(c) => c.rank(),
+            #[cfg(feature = "nccl")]
+            Self::Nccl { rank, .. } => *rank,
+        }
+    }
+    fn thread(&self) -> Option<&ThreadComm> {
+        match self {
+            Self::Thread(c) => Some(c),
+            #[cfg(feature = "nccl")]
+            Self::Nccl { .. } => None,
+        }
+    }
+    /// The communicator, on `dev` (this rank's GPU with NCCL: joining the
+    /// group blocks until every rank has called it).
+    #[cfg_attr(not(feature = "nccl"), allow(unused_variables))]
+    fn connect(self, dev: &candle_core::Device) -> Result<Arc<dyn Communicator>> {
+        match self {
+            Self::Thread(c) => Ok(Arc::new(c)),
+            #[cfg(feature = "nccl")]
+            Self::Nccl { rank, world, id } => Ok(Arc::new(candle_moe::dist::NcclComm::new(
+                dev, rank, world, id,
+            )?)),
+        }
+    }
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_ranks(n: usize) -> Result<Vec<Option<RankComm>>> {
+    let id = candle_moe::dist::NcclComm::new_id()?;
+    Ok((0..n)
+        .map(|rank| Some(RankComm::Nccl { rank, world: n, id }))
+        .collect())
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_ranks(_: usize) -> Result<Vec<Option<RankComm>>> {
+    bail!("multi-GPU expert parallelism needs --features nccl")
+}
+
+/// The device a follower rank runs on: GPU `rank` with NCCL, else `dev`.
+fn rank_device(dev: &candle_core::Device, rank: usize) -> Result<candle_core::Device> {
+    Ok(if dev.is_cpu() {
+        dev.clone()
+    } else {
+        candle_core::Device::new_cuda(rank)?
     })
 }
 

@@ -8,7 +8,9 @@ use super::Communicator;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, NcclType, ReduceOp};
 use candle_core::cuda_backend::CudaDType;
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor,
+};
 use std::sync::{Arc, Mutex};
 
 pub use candle_core::cuda_backend::cudarc::nccl::safe::Id as NcclId;
@@ -116,7 +118,10 @@ impl Collective {
         }
         let mut shape = dims;
         shape[0] = out_rows;
-        Ok((CudaStorage::wrap_cuda_slice(out, s.device.clone()), Shape::from(shape)))
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, s.device.clone()),
+            Shape::from(shape),
+        ))
     }
 }
 
@@ -178,7 +183,11 @@ impl Communicator for NcclComm {
             bail!("{} counts for a world of {}", counts.len(), self.world)
         }
         if t.dim(0)? != counts.iter().sum::<usize>() {
-            bail!("{} rows, counts sum to {}", t.dim(0)?, counts.iter().sum::<usize>())
+            bail!(
+                "{} rows, counts sum to {}",
+                t.dim(0)?,
+                counts.iter().sum::<usize>()
+            )
         }
         let max = counts.iter().copied().max().unwrap_or(0);
         if max == 0 {
