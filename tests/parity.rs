@@ -3,8 +3,11 @@
 //! logits within 1e-4 relative, greedy continuations token for token (until the
 //! reference's top-2 margin drops below 1e-3), single and batched.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_moe_models::{Checkpoint, QwenMoeConfig, QwenMoeForCausalLM};
+use common::{argmax, expected_cases, fixture, Case};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -16,52 +19,7 @@ const FIXTURES: &[&str] = &[
 ];
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-struct Case {
-    prompt: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-    generated: Vec<u32>,
-    margins: Vec<f32>,
-}
-
-fn cases(name: &str) -> Vec<Case> {
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir(name).join("expected.json")).unwrap())
-            .unwrap();
-    let ids = |x: &Value| {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
-    let fl = |x: &Value| {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect::<Vec<_>>()
-    };
-    v["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| Case {
-            prompt: ids(&c["prompt_ids"]),
-            logits: c["prompt_logits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(fl)
-                .collect(),
-            generated: ids(&c["generated_ids"]),
-            margins: fl(&c["top2_margins"]),
-        })
-        .collect()
+    fixture(name)
 }
 
 fn load(name: &str) -> QwenMoeForCausalLM {
@@ -72,16 +30,6 @@ fn load_with(name: &str, expert_dtype: Option<DType>) -> QwenMoeForCausalLM {
     let ck = Checkpoint::open(dir(name)).unwrap();
     let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
     QwenMoeForCausalLM::new_with_expert_dtype(&ck.config, vb, expert_dtype).unwrap()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Greedy tokens after `first` (the argmax of the prompt's last logits),
@@ -142,7 +90,10 @@ fn single_sequence_matches_transformers() {
     for (name, expert_dtype) in runs {
         let mut m = load_with(name, expert_dtype);
         let mut total = 0;
-        for (ci, c) in cases(name).iter().enumerate() {
+        for (ci, c) in expected_cases(&dir(name).join("expected.json"))
+            .iter()
+            .enumerate()
+        {
             m.clear_kv_cache();
             let x = Tensor::new(c.prompt.as_slice(), &Device::Cpu)
                 .unwrap()
@@ -172,7 +123,7 @@ fn single_sequence_matches_transformers() {
 fn left_padded_batch_matches_transformers() {
     for name in FIXTURES {
         let mut m = load(name);
-        let cs = cases(name);
+        let cs = expected_cases(&dir(name).join("expected.json"));
         let len = cs.iter().map(|c| c.prompt.len()).max().unwrap();
         let pads: Vec<usize> = cs.iter().map(|c| len - c.prompt.len()).collect();
         let mut rows = vec![];
@@ -298,7 +249,7 @@ fn expert_parallel_model_matches_transformers() {
     use candle_moe_models::LoadOptions;
     use std::sync::Arc;
     for (name, ep) in [("qwen2_moe_f32", 2usize), ("qwen3_moe_f32", 3)] {
-        let c = &cases(name)[0];
+        let c = &expected_cases(&dir(name).join("expected.json"))[0];
         let comms = ThreadWorld::new(ep);
         let outs: Vec<(Vec<f32>, Vec<u32>)> = std::thread::scope(|s| {
             let hs: Vec<_> = comms

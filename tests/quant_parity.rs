@@ -6,59 +6,18 @@
 //! float source against the same tools, and byte for byte against the tensors
 //! they wrote.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
 use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
 use candle_moe::quant::QuantScheme;
 use candle_moe_models::{Checkpoint, LoadOptions, QwenMoeForCausalLM};
-use serde_json::Value;
+use common::{argmax, expected_cases, fixture};
 use std::path::PathBuf;
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-struct Case {
-    prompt: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-    generated: Vec<u32>,
-    margins: Vec<f32>,
-}
-
-fn cases(path: PathBuf) -> Vec<Case> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let ids = |x: &Value| -> Vec<u32> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let fl = |x: &Value| -> Vec<f32> {
-        x.as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect()
-    };
-    v["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| Case {
-            prompt: ids(&c["prompt_ids"]),
-            logits: c["prompt_logits"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(fl)
-                .collect(),
-            generated: ids(&c["generated_ids"]),
-            margins: fl(&c["top2_margins"]),
-        })
-        .collect()
+    fixture(name)
 }
 
 fn load(name: &str, quant: Option<QuantScheme>) -> QwenMoeForCausalLM {
@@ -69,16 +28,6 @@ fn load(name: &str, quant: Option<QuantScheme>) -> QwenMoeForCausalLM {
         ..Default::default()
     };
     QwenMoeForCausalLM::new_with_options(&ck.config, vb, &opts).unwrap()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Max |got − want| over max |want|.
@@ -98,7 +47,7 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 /// the logit error this tolerance allows.
 fn check_model(m: &mut QwenMoeForCausalLM, expected: PathBuf, tol: f32, ctx: &str) -> f32 {
     let mut worst = 0f32;
-    for (ci, c) in cases(expected).iter().enumerate() {
+    for (ci, c) in expected_cases(&expected).iter().enumerate() {
         m.clear_kv_cache();
         let x = Tensor::new(c.prompt.as_slice(), &Device::Cpu)
             .unwrap()
@@ -156,7 +105,7 @@ fn fp8_block_compressed_tensors_matches_llm_compressor() {
         None,
     ));
     let mut m = load("qwen3_moe_fp8_block", Some(w8a16));
-    let c = &cases(expected)[0];
+    let c = &expected_cases(&expected)[0];
     let x = Tensor::new(c.prompt.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(0)

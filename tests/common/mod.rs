@@ -141,3 +141,66 @@ pub fn max_err(got: &[f32], want: &[f32]) -> (f32, f32) {
     let m = want.iter().map(|b| b.abs()).fold(0f32, f32::max);
     (e, m)
 }
+
+/// A tiny checkpoint under tests/fixtures.
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// One prompt of an `expected.json` written by scripts/make_*fixtures.py:
+/// the reference's logits at every prompt position and its greedy
+/// continuation with the top-2 margin of each step.
+pub struct Case {
+    pub prompt: Vec<u32>,
+    pub logits: Vec<Vec<f32>>,
+    pub generated: Vec<u32>,
+    pub margins: Vec<f32>,
+}
+
+pub fn expected_cases(path: &std::path::Path) -> Vec<Case> {
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids = |x: &Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let fl = |x: &Value| -> Vec<f32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    };
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            prompt: ids(&c["prompt_ids"]),
+            logits: c["prompt_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(fl)
+                .collect(),
+            generated: ids(&c["generated_ids"]),
+            margins: fl(&c["top2_margins"]),
+        })
+        .collect()
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
