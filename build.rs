@@ -9,12 +9,17 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    // the tensor-core kernels exist in the PTX only for sm_80 and newer
+    println!("cargo:rustc-check-cfg=cfg(moe_wmma)");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap: String = cap.chars().filter(|c| c.is_ascii_digit()).collect();
+    if cap.parse::<u32>().is_ok_and(|c| c >= 80) {
+        println!("cargo:rustc-cfg=moe_wmma");
+    }
     let nvcc = std::env::var_os("CUDA_HOME")
         .map(|h| PathBuf::from(h).join("bin/nvcc"))
         .filter(|p| p.exists())

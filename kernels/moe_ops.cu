@@ -486,3 +486,93 @@ __device__ void fp8_group_quant(const T *x, float *out, int rows, int cols, int 
 FQ(moe_fp8_group_quant_f32, float)
 FQ(moe_fp8_group_quant_bf16, __nv_bfloat16)
 FQ(moe_fp8_group_quant_f16, __half)
+
+// ------------------------------------------- tensor-core grouped GEMM ----
+
+// The grouped GEMM on tensor cores (sm_80+, WMMA m16n16k16, f32 accumulate)
+// for bf16 / f16 weights: one CTA per (align block of 16 rows, 64 columns),
+// 4 warps, each owning a 16x16 output tile. Activations (f32) are rounded to
+// the weights' type when staged in shared memory, as vLLM's fused_moe
+// computes with bf16/f16 activations. Same arguments and epilogue as the SIMT
+// kernel above.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MOE_HAS_WMMA 1
+#endif
+#include <mma.h>
+
+template <typename TW>
+__device__ void grouped_gemm_wmma(const float *a, const TW *w, const uint32_t *routing,
+                                  const float *bias, int has_bias, const float *topk_w, int has_w,
+                                  float *out, int N, int K, int row_div, int numel,
+                                  int max_padded, int max_blocks, int num_local) {
+#ifdef MOE_HAS_WMMA
+  using namespace nvcuda;
+  constexpr int TM = 16, TN = 64, TK = 32;
+  __shared__ __align__(32) TW as[TM][TK];
+  __shared__ __align__(32) TW ws[TN][TK];
+  __shared__ __align__(32) float cs[TM][TN];
+  __shared__ int rows[TM];
+  const uint32_t *sorted = routing;
+  const uint32_t *expert_ids = routing + max_padded;
+  uint32_t post_pad = routing[max_padded + max_blocks];
+  int blk = blockIdx.x;
+  if ((uint32_t)(blk * TM) >= post_pad) return;
+  uint32_t ex = expert_ids[blk];
+  if (ex == NON_LOCAL || ex >= (uint32_t)num_local) return;
+  int n0 = blockIdx.y * TN;
+  int warp = threadIdx.x / 32;
+  if (threadIdx.x < TM) {
+    uint32_t s = sorted[blk * TM + threadIdx.x];
+    rows[threadIdx.x] = s < (uint32_t)numel ? (int)s : -1;
+  }
+  __syncthreads();
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  const TW *we = w + (size_t)ex * N * K;
+  for (int k0 = 0; k0 < K; k0 += TK) {
+    for (int idx = threadIdx.x; idx < TM * TK; idx += blockDim.x) {
+      int r = idx / TK, kk = idx % TK;
+      int s = rows[r];
+      float v = (s >= 0 && k0 + kk < K) ? a[(size_t)(s / row_div) * K + k0 + kk] : 0.f;
+      as[r][kk] = from_f<TW>(v);
+    }
+    for (int idx = threadIdx.x; idx < TN * TK; idx += blockDim.x) {
+      int c = idx / TK, kk = idx % TK;
+      int n = n0 + c;
+      ws[c][kk] = (n < N && k0 + kk < K) ? we[(size_t)n * K + k0 + kk] : from_f<TW>(0.f);
+    }
+    __syncthreads();
+    for (int kk = 0; kk < TK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, TW, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, TW, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, &as[0][kk], TK);
+      // B = W^T: element (k, n) is ws[n][k], i.e. column-major with ld TK
+      wmma::load_matrix_sync(fb, &ws[warp * 16][kk], TK);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    __syncthreads();
+  }
+  wmma::store_matrix_sync(&cs[0][warp * 16], acc, TN, wmma::mem_row_major);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < TM * TN; idx += blockDim.x) {
+    int r = idx / TN, c = idx % TN;
+    int s = rows[r], n = n0 + c;
+    if (s < 0 || n >= N) continue;
+    float v = cs[r][c];
+    if (has_bias) v += bias[(size_t)ex * N + n];
+    if (has_w) v *= topk_w[s];
+    out[(size_t)s * N + n] = v;
+  }
+#endif
+}
+
+#define GGW(NAME, TW)                                                                         \
+  extern "C" __global__ void NAME(const float *a, const TW *w, const uint32_t *routing,        \
+                                  const float *bias, int has_bias, const float *topk_w,        \
+                                  int has_w, float *out, int N, int K, int row_div, int numel, \
+                                  int max_padded, int max_blocks, int num_local) {             \
+    grouped_gemm_wmma<TW>(a, w, routing, bias, has_bias, topk_w, has_w, out, N, K, row_div,    \
+                          numel, max_padded, max_blocks, num_local);                           \
+  }
+GGW(moe_gemm_wmma_bf16, __nv_bfloat16)
+GGW(moe_gemm_wmma_f16, __half)

@@ -500,6 +500,36 @@ impl CustomOp3 for GroupedGemm {
                         DType::F16 => ("moe_gemm_f32_f16", ()),
                         dt => bail!("grouped gemm: unsupported weight dtype {dt:?}"),
                     };
+                    // tensor cores for bf16 / f16 weights in 16-row align blocks
+                    if cfg!(moe_wmma)
+                        && l.block_size == 16
+                        && matches!(sw.dtype(), DType::BF16 | DType::F16)
+                    {
+                        let cfg = LaunchConfig {
+                            grid_dim: (l.max_num_blocks as u32, n.div_ceil(64) as u32, 1),
+                            block_dim: (128, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        macro_rules! wmma {
+                            ($t:ty, $name:expr) => {{
+                                let wv = view::<$t>(sw, lw, "weights")?;
+                                launch!(
+                                    dev, $name, cfg, &av, &wv, &routing, &bias_v, &has_bias,
+                                    &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &mp, &mb,
+                                    &nl
+                                );
+                            }};
+                        }
+                        if sw.dtype() == DType::BF16 {
+                            wmma!(bf16, "moe_gemm_wmma_bf16");
+                        } else {
+                            wmma!(f16, "moe_gemm_wmma_f16");
+                        }
+                        return Ok((
+                            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                            Shape::from((l.numel, n)),
+                        ));
+                    }
                     let (zb, zk) = (0i32, 0i32);
                     macro_rules! go {
                         ($t:ty) => {{
