@@ -1,38 +1,97 @@
 //! Linear layers of quantized checkpoints outside the experts (attention,
-//! dense and shared MLPs). Their weights are dequantized once at load into
-//! the layer's dtype — they are a small part of an MoE model — while FP8 W8A8
-//! schemes still quantize the input per token group, so results match what
-//! the checkpoint's runtime computes.
+//! dense and shared MLPs). FP8 and MXFP4 weights stay packed, as in the
+//! experts: the layer is run as a one-expert grouped GEMM (every row routed
+//! to expert 0), so the same kernels read the bytes and FP8 W8A8 schemes
+//! quantize the input per token group, as the checkpoint's runtime does.
 
-use super::fp8_codec::e4m3_to_f32;
 use super::loading::{full_name, get_any, get_dtype, tensor_bytes};
-use super::mxfp4_codec::{e2m1_to_f32, e8m0_to_f32, MX_GROUP};
+use super::mxfp4_codec::MX_GROUP;
 use super::QuantScheme;
 use crate::error::{MoeError, Result};
 use crate::modular::ActQuant;
-use crate::ops::fp8_group_quant_dequant;
+use crate::ops::{
+    fp8_group_quant_dequant, grouped_gemm, moe_align_block_size, GroupedGemmArgs, WeightQuant,
+};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 #[derive(Clone, Debug)]
+enum Inner {
+    Float(Linear),
+    Packed {
+        /// `[1, out, in]` e4m3 bytes or `[1, out, in/2]` packed e2m1.
+        w: Tensor,
+        quant: WeightQuant,
+        /// `[1, out]` f32.
+        bias: Option<Tensor>,
+        act: Option<ActQuant>,
+        out_dim: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
 pub struct QLinear {
-    inner: Linear,
-    act: Option<ActQuant>,
+    inner: Inner,
 }
 
 impl QLinear {
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// Whether the weights are held packed (FP8 / MXFP4).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.inner, Inner::Packed { .. })
+    }
+
+    /// Bytes of weights (and scales) held.
+    pub fn weight_bytes(&self) -> usize {
+        let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match &self.inner {
+            Inner::Float(l) => b(l.weight()) + l.bias().map_or(0, b),
+            Inner::Packed { w, quant, bias, .. } => {
+                b(w) + b(quant.scales()) + bias.as_ref().map_or(0, b)
+            }
+        }
     }
 }
 
 impl Module for QLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.act {
-            None => self.inner.forward(x),
-            Some(ActQuant::Fp8PerTokenGroup { group }) => {
-                let q = fp8_group_quant_dequant(&x.contiguous()?, group)?.to_dtype(x.dtype())?;
-                self.inner.forward(&q)
+        match &self.inner {
+            Inner::Float(l) => l.forward(x),
+            Inner::Packed {
+                w,
+                quant,
+                bias,
+                act,
+                out_dim,
+            } => {
+                let dims = x.dims();
+                let Some((&in_dim, lead)) = dims.split_last() else {
+                    candle_core::bail!("linear: scalar input")
+                };
+                let rows: usize = lead.iter().product();
+                let x2 = x.reshape((rows, in_dim))?.contiguous()?;
+                let a = match act {
+                    Some(ActQuant::Fp8PerTokenGroup { group }) => {
+                        fp8_group_quant_dequant(&x2, *group)?
+                    }
+                    None => x2,
+                };
+                // every row to the one expert
+                let ids = Tensor::zeros((rows, 1), DType::U32, x.device())?;
+                let routing = moe_align_block_size(&ids, 16, 1, 1, None)?;
+                let y = grouped_gemm(
+                    &a,
+                    w,
+                    &routing,
+                    GroupedGemmArgs {
+                        row_div: 1,
+                        bias: bias.clone(),
+                        topk_weights: None,
+                        quant: Some(quant.clone()),
+                    },
+                )?;
+                let mut shape = lead.to_vec();
+                shape.push(*out_dim);
+                y.to_dtype(x.dtype())?.reshape(shape)
             }
         }
     }
@@ -48,18 +107,37 @@ pub fn qlinear(
     scheme: Option<&QuantScheme>,
 ) -> Result<QLinear> {
     let dt = vb.dtype();
-    let mut act = None;
-    let w = match scheme {
+    let dev = vb.device();
+    let load_bias = || -> Result<Option<Tensor>> {
+        bias.then(|| {
+            get_dtype(vb, &[out_dim], "bias", DType::F32)?
+                .reshape((1, out_dim))
+                .map_err(Into::into)
+        })
+        .transpose()
+    };
+    let packed = match scheme {
         Some(QuantScheme::Fp8(f)) if !f.on_load && vb.contains_tensor(&f.scale_name) => {
             let name = full_name(vb, "weight");
             let q = tensor_bytes(
                 &get_dtype(vb, &[out_dim, in_dim], "weight", DType::F8E4M3)?,
                 &name,
             )?;
+            if let Some(p) = q.iter().position(|b| b & 0x7f == 0x7f) {
+                return Err(MoeError::weight(
+                    name,
+                    format!("NaN e4m3 byte at element {p}"),
+                ));
+            }
             let (bn, bk) = f.strategy.block(out_dim, in_dim);
-            let kb = in_dim.div_ceil(bk);
+            if bk < in_dim && !bk.is_multiple_of(16) {
+                return Err(MoeError::config(format!(
+                    "fp8 block {bn}x{bk}: the column block must be a multiple of 16"
+                )));
+            }
+            let (nb, kb) = (out_dim.div_ceil(bn), in_dim.div_ceil(bk));
             let s = get_any(vb, &f.scale_name, DType::F32)?;
-            if s.elem_count() != out_dim.div_ceil(bn) * kb {
+            if s.elem_count() != nb * kb {
                 return Err(MoeError::weight(
                     full_name(vb, &f.scale_name),
                     format!(
@@ -68,17 +146,14 @@ pub fn qlinear(
                     ),
                 ));
             }
-            let s = super::loading::f32_vec(&s)?;
-            let v: Vec<f32> = q
-                .iter()
-                .enumerate()
-                .map(|(i, &b)| {
-                    let (r, c) = (i / in_dim, i % in_dim);
-                    e4m3_to_f32(b) * s[(r / bn) * kb + c / bk]
-                })
-                .collect();
-            act = f.act_quant;
-            Tensor::from_vec(v, (out_dim, in_dim), vb.device())?.to_dtype(dt)?
+            Some((
+                Tensor::from_vec(q, (1, out_dim, in_dim), dev)?,
+                WeightQuant::Fp8 {
+                    scales: s.reshape((1, nb, kb))?,
+                    block: (bn, bk),
+                },
+                f.act_quant,
+            ))
         }
         Some(QuantScheme::Mxfp4(m)) if !m.on_load && vb.contains_tensor("weight_packed") => {
             if !in_dim.is_multiple_of(MX_GROUP) {
@@ -103,25 +178,114 @@ pub fn qlinear(
                     format!("scale byte 255 (NaN in e8m0) at element {p}"),
                 ));
             }
-            let v: Vec<f32> = (0..out_dim * in_dim)
-                .map(|i| {
-                    let b = q[i / 2];
-                    let nib = if i % 2 == 0 { b & 0xf } else { b >> 4 };
-                    e2m1_to_f32(nib) * e8m0_to_f32(s[i / MX_GROUP])
-                })
-                .collect();
-            // W4A16: mark as quantized without an activation quantizer
-            Tensor::from_vec(v, (out_dim, in_dim), vb.device())?.to_dtype(dt)?
+            Some((
+                Tensor::from_vec(q, (1, out_dim, in_dim / 2), dev)?,
+                WeightQuant::Mxfp4 {
+                    scales: Tensor::from_vec(s, (1, out_dim, in_dim / MX_GROUP), dev)?,
+                },
+                None,
+            ))
         }
-        _ => get_dtype(vb, &[out_dim, in_dim], "weight", dt)?,
+        _ => None,
     };
-    let b = if bias {
-        Some(get_dtype(vb, &[out_dim], "bias", dt)?)
-    } else {
-        None
+    let inner = match packed {
+        Some((w, quant, act)) => Inner::Packed {
+            w,
+            quant,
+            bias: load_bias()?,
+            act,
+            out_dim,
+        },
+        None => {
+            let w = get_dtype(vb, &[out_dim, in_dim], "weight", dt)?;
+            let b = if bias {
+                Some(get_dtype(vb, &[out_dim], "bias", dt)?)
+            } else {
+                None
+            };
+            Inner::Float(Linear::new(w, b))
+        }
     };
-    Ok(QLinear {
-        inner: Linear::new(w, b),
-        act,
-    })
+    Ok(QLinear { inner })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::fp8_codec::{e4m3_to_f32, quantize_fp8_block, SourcePrecision};
+    use crate::quant::{Fp8, Fp8Strategy};
+    use candle_core::Device;
+    use std::collections::HashMap;
+
+    /// An FP8 linear stays packed (1 byte per weight + block scales) and
+    /// computes x · dequant(W)ᵀ + b, on W8A16 and (with the input quantized
+    /// the same way) W8A8.
+    #[test]
+    fn fp8_linear_stays_packed_and_matches_dequantized() -> Result<()> {
+        let dev = Device::Cpu;
+        let (o, i) = (40usize, 160usize);
+        let w: Vec<f32> = (0..o * i)
+            .map(|x| ((x * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        let (q, s) = quantize_fp8_block(&w, o, i, 128, 128, SourcePrecision::F32);
+        let deq: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(x, &b)| e4m3_to_f32(b) * s[(x / i / 128) * 2 + (x % i) / 128])
+            .collect();
+        let bias: Vec<f32> = (0..o).map(|x| x as f32 * 0.01).collect();
+        // as safetensors' F8_E4M3 loads
+        let qt = Tensor::from_vec(
+            q.into_iter()
+                .map(float8::F8E4M3::from_bits)
+                .collect::<Vec<_>>(),
+            (o, i),
+            &dev,
+        )?;
+        let vb = VarBuilder::from_tensors(
+            HashMap::from([
+                ("weight".to_string(), qt),
+                (
+                    "weight_scale".to_string(),
+                    Tensor::from_vec(s, (1, 2), &dev)?,
+                ),
+                ("bias".to_string(), Tensor::new(bias.as_slice(), &dev)?),
+            ]),
+            DType::F32,
+            &dev,
+        );
+        let x = Tensor::from_vec(
+            (0..3 * i)
+                .map(|x| (x % 17) as f32 * 0.1 - 0.8)
+                .collect::<Vec<_>>(),
+            (1, 3, i),
+            &dev,
+        )?;
+        let dense = Linear::new(
+            Tensor::from_vec(deq, (o, i), &dev)?,
+            Some(Tensor::new(bias.as_slice(), &dev)?),
+        );
+        for act in [None, Some(128)] {
+            let scheme =
+                QuantScheme::Fp8(Fp8::compressed_tensors(Fp8Strategy::Block(128, 128), act));
+            let l = qlinear(i, o, true, &vb, Some(&scheme))?;
+            assert!(l.is_quantized());
+            assert_eq!(l.weight_bytes(), o * i + 2 * 4 + o * 4);
+            let xin = match act {
+                Some(g) => fp8_group_quant_dequant(&x.reshape((3, i))?, g)?.reshape((1, 3, i))?,
+                None => x.clone(),
+            };
+            let want = dense.forward(&xin)?.flatten_all()?.to_vec1::<f32>()?;
+            let got = l.forward(&x)?;
+            assert_eq!(got.dims(), &[1, 3, o]);
+            let got = got.flatten_all()?.to_vec1::<f32>()?;
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{g} vs {w} (act {act:?})"
+                );
+            }
+        }
+        Ok(())
+    }
 }
