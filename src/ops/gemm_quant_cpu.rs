@@ -270,11 +270,14 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); NW]; M];
         let mut tail = [[0f32; NW]; M];
         let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k));
+        // each row's scale row, found once (no division in the K loop)
+        let sp: [*const f32; NW] =
+            std::array::from_fn(|j| scales.as_ptr().add(((n + j) / bn) * kb));
         let mut k0 = 0;
+        let mut blk = 0;
         while k0 < k {
             let k1 = (k0 + bk).min(k);
-            let blk = k0 / bk;
-            let s: [f32; NW] = std::array::from_fn(|j| scales[((n + j) / bn) * kb + blk]);
+            let s: [f32; NW] = std::array::from_fn(|j| *sp[j].add(blk));
             let mut g = [[_mm256_setzero_ps(); NW]; M];
             let mut kk = k0;
             while kk + 16 <= k1 {
@@ -308,6 +311,7 @@ mod avx2 {
                 }
             }
             k0 = k1;
+            blk += 1;
         }
         for m in 0..M {
             for j in 0..NW {
@@ -662,10 +666,13 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); NW]; M];
         let mut tail = [[0f32; NW]; M];
         let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k));
+        // each row's scale row, found once (no division in the K loop)
+        let sp: [*const f32; NW] =
+            std::array::from_fn(|j| scales.as_ptr().add(((n + j) / bn) * kb));
         let mut k0 = 0;
+        let mut blk = 0;
         while k0 < k {
             let k1 = (k0 + bk).min(k);
-            let blk = k0 / bk;
             let mut g = [[_mm512_setzero_ps(); NW]; M];
             let mut kk = k0;
             while kk + 32 <= k1 {
@@ -688,7 +695,7 @@ mod avx512 {
                 kk += 32;
             }
             for j in 0..NW {
-                let s = scales[((n + j) / bn) * kb + blk];
+                let s = *sp[j].add(blk);
                 let sv = _mm512_set1_ps(s * 256.0);
                 for m in 0..M {
                     acc[m][j] = _mm512_fmadd_ps(g[m][j], sv, acc[m][j]);
@@ -700,6 +707,7 @@ mod avx512 {
                 }
             }
             k0 = k1;
+            blk += 1;
         }
         for m in 0..M {
             for j in 0..NW {
@@ -769,11 +777,17 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn skinny(t: &QTile<'_>) {
-        match t.a.len() {
-            0 => {}
-            1 => skinny_m::<1, 8>(t),
-            2 => skinny_m::<2, 4>(t),
-            _ => skinny_m::<3, 4>(t),
+        // rows per block sized so accumulators and decoded weights stay in
+        // the 32 zmm registers (FP8 keeps two sums and two decoded vectors
+        // per row, MXFP4 two sums)
+        let mx = matches!(t.w, QMat::Mxfp4 { .. });
+        match (t.a.len(), mx) {
+            (0, _) => {}
+            (1, true) => skinny_m::<1, 8>(t),
+            (1, false) => skinny_m::<1, 4>(t),
+            (2, _) => skinny_m::<2, 4>(t),
+            (_, true) => skinny_m::<3, 4>(t),
+            (_, false) => skinny_m::<3, 2>(t),
         }
     }
 }
