@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_moe::dist::{NaiveEpPrepareAndFinalize, ThreadWorld};
 use candle_moe::modular::{Experts, ReferenceExperts};
-use candle_moe::quant::{ExpertLayerSpec, QuantMethod, TensorSpec, Unquantized};
+use candle_moe::quant::{ExpertLayerSpec, QuantMethod, QuantScheme, TensorSpec, Unquantized};
 use candle_moe::{EpConfig, FusedMoe, FusedMoeConfig, PlacementStrategy};
 use candle_nn::VarBuilder;
 use common::*;
@@ -109,6 +109,7 @@ fn run_world(
         tokens,
         shared,
         Arc::new(Unquantized),
+        None,
     )
 }
 
@@ -121,6 +122,7 @@ fn run_world_with(
     tokens: &[usize],
     shared: Option<usize>,
     method: Arc<dyn QuantMethod>,
+    quant: Option<QuantScheme>,
 ) {
     let (h, i) = (48, 24);
     let mut rng = Rng::new((e * 100 + ep * 10 + tokens.len()) as u64);
@@ -128,6 +130,8 @@ fn run_world_with(
     let mut cfg = FusedMoeConfig::new(h, i, e, top_k);
     cfg.renormalize = true;
     cfg.shared_expert_intermediate_size = shared;
+    // the single-rank reference: cfg.quant's experts (float when None)
+    cfg.quant = quant;
     let single = FusedMoe::new(
         &cfg,
         VarBuilder::from_tensors(ckpt.clone(), DType::F32, &Device::Cpu),
@@ -186,7 +190,7 @@ fn run_world_with(
         );
     }
     // each rank holds ~1/ep of the experts, and together each expert once
-    assert_eq!(bytes, e * 3 * h * i * 4);
+    assert_eq!(bytes, single.kernel().experts().weight_bytes());
 }
 
 #[test]
@@ -338,6 +342,20 @@ fn experts_that_ignore_the_expert_map() {
         (60, 4, PlacementStrategy::RoundRobin),
     ] {
         let tokens: Vec<usize> = (0..ep).map(|r| [5, 0, 13, 2][r % 4]).collect();
-        run_world_with(e, 4, ep, s, &tokens, Some(16), Arc::new(MapIgnoring));
+        run_world_with(e, 4, ep, s, &tokens, Some(16), Arc::new(MapIgnoring), None);
+    }
+}
+
+/// Expert parallelism over FP8 experts (quantized on load, W8A8): each rank
+/// holds its experts' bytes and scales, and the output is the single-rank one.
+#[test]
+fn fp8_experts_over_ranks() {
+    for (e, ep, s) in [
+        (9, 2, PlacementStrategy::Linear),
+        (60, 4, PlacementStrategy::RoundRobin),
+    ] {
+        let q = QuantScheme::on_load("fp8").unwrap();
+        let tokens: Vec<usize> = (0..ep).map(|r| [7, 3, 0, 11][r % 4]).collect();
+        run_world_with(e, 4, ep, s, &tokens, None, q.expert_method(), Some(q));
     }
 }
