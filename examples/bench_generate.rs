@@ -6,12 +6,14 @@
 //!
 //!     cargo run --release --example bench_generate [-- --layers 2 --prompt 64 --gen 32 --dtype f32]
 //!
-//! Our model runs twice: experts in the compute dtype, and experts kept in the
-//! checkpoint's bf16 (exact widening in the kernels, half the expert bytes).
+//! Our model runs four times: experts in the compute dtype, experts kept in
+//! the checkpoint's bf16 (exact widening in the kernels, half the expert
+//! bytes), and experts quantized on load to FP8 (W8A8) and MXFP4 (W4A16).
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_moe_models::{Checkpoint, QwenMoeForCausalLM};
+use candle_moe::quant::QuantScheme;
+use candle_moe_models::{Checkpoint, LoadOptions, QwenMoeForCausalLM};
 use candle_transformers::models::qwen2_moe;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -131,16 +133,24 @@ fn main() -> Result<()> {
     let ck = Checkpoint::open(&dir)?;
     let mut rows = vec![];
 
-    // ours: experts in the compute dtype, and kept in the checkpoint's bf16
-    for (label, edt) in [
-        ("candle-moe (FusedMoe)", None),
-        ("candle-moe, bf16 experts", Some(DType::BF16)),
+    // ours: experts in the compute dtype, kept in the checkpoint's bf16, and
+    // quantized on load to FP8 (W8A8) / MXFP4 (W4A16)
+    for (label, edt, quant) in [
+        ("candle-moe (FusedMoe)", None, None),
+        ("candle-moe, bf16 experts", Some(DType::BF16), None),
+        ("candle-moe, fp8 experts", None, Some("fp8")),
+        ("candle-moe, mxfp4 experts", None, Some("mxfp4")),
     ] {
         if edt == Some(dt) {
             continue;
         }
+        let opts = LoadOptions {
+            expert_dtype: edt,
+            quant: quant.map(QuantScheme::on_load).transpose()?,
+            ..Default::default()
+        };
         let mut m =
-            QwenMoeForCausalLM::new_with_expert_dtype(&ck.config, ck.var_builder(dt, &dev)?, edt)?;
+            QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dt, &dev)?, &opts)?;
         let mut best = (f64::MAX, f64::MAX);
         for _ in 0..2 {
             m.clear_kv_cache();
