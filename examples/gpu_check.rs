@@ -3,7 +3,8 @@
 //! test shapes (bf16 2e-2 abs, FP8 block 0.035 rel, MXFP4), the tiny
 //! transformers checkpoints on cuda against their references, and a benchmark
 //! of the layer at Qwen3-30B-A3B dims (achieved HBM bandwidth for decode,
-//! TFLOP/s for prefill). Prints a table and writes JSON.
+//! TFLOP/s for prefill), also against candle-transformers' `FusedMoe`
+//! (candle's `moe_gemm`) on the same weights. Prints a table and writes JSON.
 //!
 //!     cargo build --release --features cuda --example gpu_check
 //!     gpu_check [--out gpu.json] [--fixtures tests/fixtures] [--quick]
@@ -383,6 +384,86 @@ fn bench(gpu: &Device, rng: &mut Rng, quick: bool) -> Result<Vec<Value>> {
     Ok(rows)
 }
 
+/// candle-transformers' `FusedMoe` (candle's WMMA `moe_gemm`) against our
+/// `SparseMoeBlock` on the same bf16 weights at Qwen3-30B-A3B dims: outputs
+/// compared (bf16 2e-2 abs) and both timed.
+fn bench_vs_candle(gpu: &Device, r: &mut Report, rng: &mut Rng, quick: bool) -> Result<Vec<Value>> {
+    use candle_moe::SparseMoeBlock;
+    use candle_nn::Module;
+    let (h, i, e, k) = (2048usize, 768usize, 128usize, 8usize);
+    let dt = DType::BF16;
+    let mut w = HashMap::new();
+    w.insert(
+        "gate.weight".to_string(),
+        Tensor::from_vec(rng.vec(e * h, 0.05), (e, h), &Device::Cpu)?,
+    );
+    for x in 0..e {
+        for (p, n, kk) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+            w.insert(
+                format!("experts.{x}.{p}.weight"),
+                Tensor::from_vec(rng.vec(n * kk, 0.03), (n, kk), &Device::Cpu)?,
+            );
+        }
+    }
+    let wg: HashMap<String, Tensor> = w
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(dt)?.to_device(gpu)?)))
+        .collect::<Result<_>>()?;
+    let ours = SparseMoeBlock::new(
+        &FusedMoeConfig::new(h, i, e, k),
+        VarBuilder::from_tensors(wg.clone(), dt, gpu),
+    )?;
+    let cfg = candle_transformers::fused_moe::MoeCfg {
+        hidden_size: h,
+        num_experts: e,
+        num_experts_per_tok: k,
+        moe_intermediate_size: i,
+        norm_topk_prob: false,
+        act: candle_nn::Activation::Silu,
+        decoder_sparse_step: None,
+    };
+    let theirs = candle_transformers::fused_moe::FusedMoe::new(
+        &cfg,
+        VarBuilder::from_tensors(wg, dt, gpu),
+        dt,
+    )?;
+    let mut rows = vec![];
+    for &t in if quick {
+        &[1usize, 256][..]
+    } else {
+        &[1usize, 16, 256, 4096][..]
+    } {
+        let x = Tensor::from_vec(rng.vec(t * h, 1.0), (1, t, h), &Device::Cpu)?
+            .to_dtype(dt)?
+            .to_device(gpu)?;
+        let a = ours.forward(&x)?;
+        let b = theirs.forward(&x, t > 1)?;
+        r.add(
+            "vs candle moe_gemm",
+            json!({"tokens": t}),
+            max_rel(&a, &b)?.0,
+            2e-2,
+            "max abs",
+        );
+        let reps = if t >= 4096 { 5 } else { 50 };
+        let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<f64> {
+            f()?;
+            gpu.synchronize()?;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                f()?;
+            }
+            gpu.synchronize()?;
+            Ok(t0.elapsed().as_secs_f64() * 1e3 / reps as f64)
+        };
+        let ms_ours = time(&|| ours.forward(&x))?;
+        let ms_theirs = time(&|| theirs.forward(&x, t > 1))?;
+        println!("bench vs candle moe_gemm, tokens {t:>5}: ours {ms_ours:.3} ms, candle {ms_theirs:.3} ms, ratio {:.2}x", ms_theirs / ms_ours);
+        rows.push(json!({"bench": "sparse block vs candle-transformers FusedMoe", "tokens": t, "ms": ms_ours, "candle_ms": ms_theirs, "speedup": ms_theirs / ms_ours}));
+    }
+    Ok(rows)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let get = |f: &str| {
@@ -418,7 +499,8 @@ fn main() -> Result<()> {
             fixtures.display()
         );
     }
-    let b = bench(&gpu, &mut rng, quick)?;
+    let mut b = bench(&gpu, &mut rng, quick)?;
+    b.extend(bench_vs_candle(&gpu, &mut r, &mut rng, quick)?);
     let v = json!({"checks": r.rows, "failed": r.failed, "bench": b, "seconds": t0.elapsed().as_secs_f64()});
     std::fs::write(&out, serde_json::to_string_pretty(&v)?)?;
     println!("{} checks, {} failed; wrote {out}", r.rows.len(), r.failed);
