@@ -267,11 +267,16 @@ fn main() -> Result<()> {
         };
         poison_on_err((|| -> Result<()> {
             let mut model = load(rank0, &dev)?;
+            let kernel = model
+                .moe_blocks()
+                .next()
+                .map_or("none", |b| b.moe().kernel().experts().name());
             eprintln!(
-                "loaded {} ({:?}, {dtype:?}, experts {:?}, ep {} {}) in {:.2}s",
+                "loaded {} ({:?}, {dtype:?}, experts {:?} via {kernel}, {:.2} MB of experts on this rank, ep {} {}) in {:.2}s",
                 dir.display(),
                 ck.config.arch,
                 edt.unwrap_or(dtype),
+                model.expert_weight_bytes() as f64 / 1e6,
                 args.ep_size,
                 args.ep_placement,
                 t.elapsed().as_secs_f64()
