@@ -268,7 +268,6 @@ extern "C" __global__ void moe_align(const uint32_t *ids, const int *expert_map,
 #define BK 32
 #define MAXBM 64
 
-struct WDense {};
 struct WFp8 {};
 struct WMx {};
 

@@ -91,7 +91,7 @@ impl Fp8 {
         self
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if let Fp8Strategy::Block(bn, bk) = self.strategy {
             if bn == 0 || bk == 0 || !bk.is_multiple_of(16) {
                 return Err(MoeError::config(format!(
@@ -106,7 +106,12 @@ impl Fp8 {
     }
 
     /// One `[n, k]` projection from the checkpoint: bytes and scales.
-    fn read_proj(&self, vb: &VarBuilder, n: usize, k: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+    pub(crate) fn read_proj(
+        &self,
+        vb: &VarBuilder,
+        n: usize,
+        k: usize,
+    ) -> Result<(Vec<u8>, Vec<f32>)> {
         let name = full_name(vb, "weight");
         let q = tensor_bytes(&get_dtype(vb, &[n, k], "weight", DType::F8E4M3)?, &name)?;
         if let Some(p) = q.iter().position(|b| b & 0x7f == 0x7f) {

@@ -4,9 +4,9 @@
 //! to expert 0), so the same kernels read the bytes and FP8 W8A8 schemes
 //! quantize the input per token group, as the checkpoint's runtime does.
 
-use super::loading::{full_name, get_any, get_dtype, tensor_bytes};
+use super::loading::{full_name, get_dtype};
 use super::mxfp4_codec::MX_GROUP;
-use super::QuantScheme;
+use super::{Mxfp4, QuantScheme};
 use crate::error::{MoeError, Result};
 use crate::modular::ActQuant;
 use crate::ops::{
@@ -118,38 +118,15 @@ pub fn qlinear(
     };
     let packed = match scheme {
         Some(QuantScheme::Fp8(f)) if !f.on_load && vb.contains_tensor(&f.scale_name) => {
-            let name = full_name(vb, "weight");
-            let q = tensor_bytes(
-                &get_dtype(vb, &[out_dim, in_dim], "weight", DType::F8E4M3)?,
-                &name,
-            )?;
-            if let Some(p) = q.iter().position(|b| b & 0x7f == 0x7f) {
-                return Err(MoeError::weight(
-                    name,
-                    format!("NaN e4m3 byte at element {p}"),
-                ));
-            }
+            // the experts' loader: same tensors, same checks
+            f.validate()?;
+            let (q, s) = f.read_proj(vb, out_dim, in_dim)?;
             let (bn, bk) = f.strategy.block(out_dim, in_dim);
-            if bk < in_dim && !bk.is_multiple_of(16) {
-                return Err(MoeError::config(format!(
-                    "fp8 block {bn}x{bk}: the column block must be a multiple of 16"
-                )));
-            }
             let (nb, kb) = (out_dim.div_ceil(bn), in_dim.div_ceil(bk));
-            let s = get_any(vb, &f.scale_name, DType::F32)?;
-            if s.elem_count() != nb * kb {
-                return Err(MoeError::weight(
-                    full_name(vb, &f.scale_name),
-                    format!(
-                        "shape {:?} does not fit a [{out_dim}, {in_dim}] weight with {bn}x{bk} blocks",
-                        s.dims()
-                    ),
-                ));
-            }
             Some((
                 Tensor::from_vec(q, (1, out_dim, in_dim), dev)?,
                 WeightQuant::Fp8 {
-                    scales: s.reshape((1, nb, kb))?,
+                    scales: Tensor::from_vec(s, (1, nb, kb), dev)?,
                     block: (bn, bk),
                 },
                 f.act_quant,
@@ -162,22 +139,7 @@ pub fn qlinear(
                     format!("input size {in_dim} is not a multiple of 32"),
                 ));
             }
-            let pn = full_name(vb, "weight_packed");
-            let q = tensor_bytes(
-                &get_dtype(vb, &[out_dim, in_dim / 2], "weight_packed", DType::U8)?,
-                &pn,
-            )?;
-            let sn = full_name(vb, "weight_scale");
-            let s = tensor_bytes(
-                &get_dtype(vb, &[out_dim, in_dim / MX_GROUP], "weight_scale", DType::U8)?,
-                &sn,
-            )?;
-            if let Some(p) = s.iter().position(|&b| b == 255) {
-                return Err(MoeError::weight(
-                    sn,
-                    format!("scale byte 255 (NaN in e8m0) at element {p}"),
-                ));
-            }
+            let (q, s) = Mxfp4::read_proj(vb, out_dim, in_dim)?;
             Some((
                 Tensor::from_vec(q, (1, out_dim, in_dim / 2), dev)?,
                 WeightQuant::Mxfp4 {

@@ -34,7 +34,7 @@ impl Mxfp4 {
         Self { on_load: true }
     }
 
-    fn read_proj(vb: &VarBuilder, n: usize, k: usize) -> Result<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn read_proj(vb: &VarBuilder, n: usize, k: usize) -> Result<(Vec<u8>, Vec<u8>)> {
         let pname = full_name(vb, "weight_packed");
         let q = tensor_bytes(
             &get_dtype(vb, &[n, k / 2], "weight_packed", DType::U8)?,
