@@ -24,14 +24,19 @@ fn main() {
         .map(|h| PathBuf::from(h).join("bin/nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    // one PTX module per .cu file
-    let kernels = ["moe_ops"];
-    for name in kernels.iter() {
+    // one PTX module per .cu file; the FP8 tensor-core kernels need sm_89
+    let cap_n: u32 = cap.parse().unwrap_or(80);
+    let kernels = [
+        ("moe_ops", cap_n),
+        ("moe_gemm", cap_n),
+        ("moe_fp8_mma", cap_n.max(89)),
+    ];
+    for (name, arch) in kernels {
         let src = format!("kernels/{name}.cu");
         let ptx = out.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17"])
-            .arg(format!("-arch=sm_{cap}"))
+            .args(["--ptx", "-O3", "-std=c++17", "-Ikernels"])
+            .arg(format!("-arch=sm_{arch}"))
             .arg(&src)
             .arg("-o")
             .arg(&ptx)

@@ -10,21 +10,46 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{cudarc::driver::DeviceRepr, CudaDType, CudaDevice};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 
-pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_ops.ptx"));
-pub(crate) const MODULE: &str = "candle_moe_ops";
+/// One PTX module: its name for candle's module cache and its text.
+pub(crate) struct Ptx {
+    pub name: &'static str,
+    pub src: &'static str,
+}
 
-/// `launch!(dev, "kernel", cfg, &arg1, &arg2, ...)`: every argument must live
+/// Routing, align, SIMT GEMMs and elementwise ops (kernels/moe_ops.cu).
+pub(crate) const OPS: Ptx = Ptx {
+    name: "candle_moe_ops",
+    src: include_str!(concat!(env!("OUT_DIR"), "/moe_ops.ptx")),
+};
+/// The decode GEMV and the 64-row tensor-core GEMMs (kernels/moe_gemm.cu).
+pub(crate) const GEMM: Ptx = Ptx {
+    name: "candle_moe_gemm",
+    src: include_str!(concat!(env!("OUT_DIR"), "/moe_gemm.ptx")),
+};
+/// FP8 tensor-core GEMM (kernels/moe_fp8_mma.cu), built for sm_89 or newer:
+/// load it only on such a device.
+pub(crate) const FP8_MMA: Ptx = Ptx {
+    name: "candle_moe_fp8_mma",
+    src: include_str!(concat!(env!("OUT_DIR"), "/moe_fp8_mma.ptx")),
+};
+
+/// `launch!(dev, "kernel", cfg, &arg1, &arg2, ...)` (a kernel of [`OPS`]) or
+/// `launch!(in MODULE; dev, "kernel", cfg, ...)`: every argument must live
 /// until the end of the enclosing statement block (bind values to locals).
 macro_rules! launch {
-    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+    (in $m:expr; $dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        let f = $dev.get_or_load_custom_func($name, $crate::cuda::MODULE, $crate::cuda::PTX)?;
+        let m = &$m;
+        let f = $dev.get_or_load_custom_func($name, m.name, m.src)?;
         let mut b = f.builder();
         $( b.arg($arg); )+
         // SAFETY: the argument list matches the kernel's signature in
-        // kernels/moe_ops.cu; buffers are sized by the caller.
+        // kernels/*.cu; buffers are sized by the caller.
         candle_core::cuda_backend::WrapErr::w(unsafe { b.launch($cfg) })?;
     }};
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {
+        $crate::cuda::launch!(in $crate::cuda::OPS; $dev, $name, $cfg, $($arg),+)
+    };
 }
 pub(crate) use launch;
 
@@ -92,4 +117,16 @@ pub(crate) fn elementwise(n: usize) -> LaunchConfig {
 
 pub(crate) fn i32_arg(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} exceeds i32")))
+}
+
+/// The device's compute capability, `(major, minor)`.
+pub(crate) fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+    use candle_core::cuda_backend::WrapErr;
+    dev.cuda_stream().context().compute_capability().w()
+}
+
+/// Whether a contiguous operand starts 16-byte aligned (device allocations
+/// are; a view at an offset may not be).
+pub(crate) fn aligned16(l: &Layout, dtype: DType) -> bool {
+    (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(16)
 }

@@ -4,7 +4,7 @@ use super::metadata::ExpertTokensMetadata;
 use super::prepare_finalize::ActivationFormat;
 use super::weight_reduce::TopKWeightAndReduce;
 use crate::ops::{
-    act_and_mul, fp8_group_quant_dequant, grouped_gemm, moe_align_block_size, Activation,
+    act_and_mul, align_block_size, grouped_gemm, moe_align_block_size, Activation, CudaGemmKernel,
     GroupedGemmArgs, WeightQuant,
 };
 use candle_core::{bail, Result, Tensor};
@@ -147,17 +147,10 @@ impl GroupedGemmExperts {
         self.w13_quant.as_ref().map_or(kw, |q| q.k_of(kw))
     }
 
-    fn quantize_input(&self, x: &Tensor) -> Result<Tensor> {
-        match self.act_quant {
-            None => Ok(x.clone()),
-            Some(ActQuant::Fp8PerTokenGroup { group }) => fp8_group_quant_dequant(x, group),
-        }
-    }
-
-    /// Rows per align block. The CPU GEMM merges the blocks of an expert, so
-    /// a small block only bounds padding.
-    fn block_size(&self) -> usize {
-        16
+    /// The group size of on-the-fly FP8 activation quantization (W8A8).
+    fn act_quant_group(&self) -> Option<usize> {
+        self.act_quant
+            .map(|ActQuant::Fp8PerTokenGroup { group }| group)
     }
 }
 
@@ -226,9 +219,15 @@ impl Experts for GroupedGemmExperts {
     }
     fn apply(&self, args: &ExpertApplyArgs<'_>) -> Result<ExpertsOutput> {
         let p = self.problem_size(args.hidden_states, args.topk_ids)?;
+        let block_size = align_block_size(
+            args.hidden_states.device(),
+            p.m,
+            p.top_k,
+            args.global_num_experts,
+        );
         let routing = moe_align_block_size(
             args.topk_ids,
-            self.block_size(),
+            block_size,
             args.global_num_experts,
             p.num_experts,
             args.expert_map,
@@ -237,9 +236,8 @@ impl Experts for GroupedGemmExperts {
             Some(m) => m.clone(),
             None => ExpertTokensMetadata::from_device(routing.expert_num_tokens.clone())?,
         };
-        let a1 = self.quantize_input(args.hidden_states)?;
         let c1 = grouped_gemm(
-            &a1,
+            args.hidden_states,
             &self.w13,
             &routing,
             GroupedGemmArgs {
@@ -247,9 +245,11 @@ impl Experts for GroupedGemmExperts {
                 bias: self.w13_bias.clone(),
                 topk_weights: None,
                 quant: self.w13_quant.clone(),
+                act_quant_group: self.act_quant_group(),
+                kernel: CudaGemmKernel::Auto,
             },
         )?;
-        let c2 = self.quantize_input(&act_and_mul(&c1, self.activation)?)?;
+        let c2 = act_and_mul(&c1, self.activation)?;
         let c3 = grouped_gemm(
             &c2,
             &self.w2,
@@ -259,6 +259,8 @@ impl Experts for GroupedGemmExperts {
                 bias: self.w2_bias.clone(),
                 topk_weights: None,
                 quant: self.w2_quant.clone(),
+                act_quant_group: self.act_quant_group(),
+                kernel: CudaGemmKernel::Auto,
             },
         )?;
         Ok(ExpertsOutput {

@@ -38,51 +38,62 @@ impl CustomOp1 for Fp8GroupQuant {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{i32_arg, launch, zeros, F32Operand};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-        let dims = l.shape().dims();
-        let Some(&k) = dims.last() else {
-            bail!("fp8 group quant: scalar input")
-        };
-        if self.group == 0 {
-            bail!("fp8 group quant: group size 0")
-        }
-        let n = l.shape().elem_count();
-        let rows = n.checked_div(k).unwrap_or(0);
-        let group = self.group.min(k.max(1));
-        let dev = &s.device;
-        let x = F32Operand::new(s, l, "activations")?;
-        let xv = x.view()?;
-        let out = zeros::<f32>(dev, n)?;
-        let items = rows * k.div_ceil(group);
-        if items > 0 {
-            // 8 warps per block, one warp per (row, group)
-            let cfg = LaunchConfig {
-                grid_dim: (items.div_ceil(8) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (ri, ki, gi) = (
-                i32_arg(rows, "rows")?,
-                i32_arg(k, "cols")?,
-                i32_arg(group, "group")?,
-            );
-            launch!(
-                dev,
-                "moe_fp8_group_quant_f32",
-                cfg,
-                &xv,
-                &out,
-                &ri,
-                &ki,
-                &gi
-            );
-        }
+        let out = cuda_quant_dequant(s, l, self.group)?;
         Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            candle_core::CudaStorage::wrap_cuda_slice(out, s.device.clone()),
             l.shape().clone(),
         ))
     }
+}
+
+/// The CUDA quantize-dequantize of `s` (rows of its last dimension), F32.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_quant_dequant(
+    s: &candle_core::CudaStorage,
+    l: &Layout,
+    group: usize,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>> {
+    use crate::cuda::{i32_arg, launch, zeros, F32Operand};
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+    let dims = l.shape().dims();
+    let Some(&k) = dims.last() else {
+        bail!("fp8 group quant: scalar input")
+    };
+    if group == 0 {
+        bail!("fp8 group quant: group size 0")
+    }
+    let n = l.shape().elem_count();
+    let rows = n.checked_div(k).unwrap_or(0);
+    let group = group.min(k.max(1));
+    let dev = &s.device;
+    let x = F32Operand::new(s, l, "activations")?;
+    let xv = x.view()?;
+    let out = zeros::<f32>(dev, n)?;
+    let items = rows * k.div_ceil(group);
+    if items > 0 {
+        // 8 warps per block, one warp per (row, group)
+        let cfg = LaunchConfig {
+            grid_dim: (items.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ri, ki, gi) = (
+            i32_arg(rows, "rows")?,
+            i32_arg(k, "cols")?,
+            i32_arg(group, "group")?,
+        );
+        launch!(
+            dev,
+            "moe_fp8_group_quant_f32",
+            cfg,
+            &xv,
+            &out,
+            &ri,
+            &ki,
+            &gi
+        );
+    }
+    Ok(out)
 }
 
 /// Quantizes each `group` consecutive values of every row of `x` to e4m3 with

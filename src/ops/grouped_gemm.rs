@@ -8,8 +8,10 @@
 
 use super::align::{AlignLayout, AlignedRouting, NON_LOCAL_EXPERT};
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
+use super::gemm_cuda::CudaGemmKernel;
 use super::gemm_quant_cpu::{check_qmat, qgemm_tile, QMat, QTile};
 use super::{contiguous, SendPtr};
+use crate::quant::fp8_codec::fake_quant_fp8_groups;
 use crate::quant::mxfp4_codec::MX_GROUP;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -29,6 +31,12 @@ pub struct GroupedGemmArgs {
     /// Set when `w` holds quantized weights (read packed, never dequantized
     /// as a whole).
     pub quant: Option<WeightQuant>,
+    /// Quantize the activations to FP8 e4m3 per token per group of this many
+    /// columns first (dynamic W8A8, as [`super::fp8_group_quant_dequant`]).
+    /// The FP8 tensor-core kernel multiplies them as e4m3.
+    pub act_quant_group: Option<usize>,
+    /// The CUDA kernel to run (see [`CudaGemmKernel`]); ignored on the CPU.
+    pub kernel: CudaGemmKernel,
 }
 
 /// The format of quantized expert weights and their scales.
@@ -334,21 +342,6 @@ impl GroupedGemm {
     }
 }
 
-/// The f32 device view behind a held storage guard, or `dummy` when absent.
-#[cfg(feature = "cuda")]
-fn cuda_opt_view<'a, G: std::ops::Deref<Target = Storage>>(
-    g: &'a Option<(G, &Layout)>,
-    dummy: &'a candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-    match g {
-        None => Ok(dummy.slice(..)),
-        Some((st, lay)) => match &**st {
-            Storage::Cuda(c) => crate::cuda::view::<f32>(c, lay, "optional operand"),
-            _ => bail!("grouped gemm: operand not on the gpu"),
-        },
-    }
-}
-
 impl CustomOp3 for GroupedGemm {
     fn name(&self) -> &'static str {
         "moe-grouped-gemm"
@@ -372,7 +365,17 @@ impl CustomOp3 for GroupedGemm {
         if lr.shape().elem_count() != self.layout.len() {
             bail!("grouped gemm: routing buffer does not match its layout")
         }
-        let a = super::to_f32_cow(sa, la, "activations")?;
+        let mut a = super::to_f32_cow(sa, la, "activations")?;
+        if let Some(group) = self.args.act_quant_group {
+            if group == 0 {
+                bail!("grouped gemm: activation quant group size 0")
+            }
+            if k > 0 {
+                a.to_mut()
+                    .par_chunks_mut(k)
+                    .for_each(|row| fake_quant_fp8_groups(row, group));
+            }
+        }
         let buf = contiguous::<u32>(sr, lr, "routing")?;
         if self.args.quant.is_some() {
             let w: &[u8] = match sw {
@@ -409,180 +412,26 @@ impl CustomOp3 for GroupedGemm {
         sr: &candle_core::CudaStorage,
         lr: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{i32_arg, launch, view, zeros, F32Operand};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-        use candle_core::CudaStorage;
         let (_, k) = la.shape().dims2()?;
         let (e_local, n, kw) = lw.shape().dims3()?;
         let k_w = self.args.quant.as_ref().map_or(kw, |q| q.k_of(kw));
         if k != k_w {
             bail!("grouped gemm: activations have K = {k}, weights [{e_local}, {n}, {kw}] hold K = {k_w}")
         }
-        let l = &self.layout;
-        if lr.shape().elem_count() != l.len() {
+        if lr.shape().elem_count() != self.layout.len() {
             bail!("grouped gemm: routing buffer does not match its layout")
         }
-        if l.block_size > 64 {
-            bail!(
-                "grouped gemm on cuda: align block size {} > 64",
-                l.block_size
-            )
-        }
-        let dev = &sa.device;
-        let a = F32Operand::new(sa, la, "activations")?;
-        let av = a.view()?;
-        let routing = view::<u32>(sr, lr, "routing")?;
-        // optional operands: a device buffer each, held for the launch
-        let cuda_of = |t: &Tensor, what: &str| -> Result<()> {
-            if !matches!(t.device(), candle_core::Device::Cuda(_)) {
-                bail!("grouped gemm: {what} must be on the gpu like the activations")
-            }
-            Ok(())
-        };
-        let bias_t = match &self.args.bias {
-            Some(b) => {
-                cuda_of(b, "bias")?;
-                if b.elem_count() != e_local * n {
-                    bail!(
-                        "grouped gemm: bias has {} elements, expected {}",
-                        b.elem_count(),
-                        e_local * n
-                    )
-                }
-                Some(b.to_dtype(DType::F32)?.contiguous()?)
-            }
-            None => None,
-        };
-        let wts_t = match &self.args.topk_weights {
-            Some(w) => {
-                cuda_of(w, "topk weights")?;
-                if w.elem_count() != l.numel {
-                    bail!(
-                        "grouped gemm: {} topk weights for {} rows",
-                        w.elem_count(),
-                        l.numel
-                    )
-                }
-                Some(w.to_dtype(DType::F32)?.contiguous()?)
-            }
-            None => None,
-        };
-        let dummy = zeros::<f32>(dev, 1)?;
-        let bias_g = bias_t.as_ref().map(|t| t.storage_and_layout());
-        let wts_g = wts_t.as_ref().map(|t| t.storage_and_layout());
-        let bias_v = cuda_opt_view(&bias_g, &dummy)?;
-        let wts_v = cuda_opt_view(&wts_g, &dummy)?;
-        let has_bias: i32 = bias_t.is_some().into();
-        let has_w: i32 = wts_t.is_some().into();
-        let out = zeros::<f32>(dev, l.numel * n)?;
-        let (ni, ki) = (i32_arg(n, "N")?, i32_arg(k, "K")?);
-        let row_div = i32_arg(self.args.row_div.max(1), "row_div")?;
-        let numel = i32_arg(l.numel, "rows")?;
-        let bs = i32_arg(l.block_size, "block size")?;
-        let mp = i32_arg(l.max_num_tokens_padded, "padded rows")?;
-        let mb = i32_arg(l.max_num_blocks, "blocks")?;
-        let nl = i32_arg(e_local, "local experts")?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                l.max_num_blocks.max(1) as u32,
-                n.div_ceil(64).max(1) as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        if l.max_num_blocks > 0 && n > 0 {
-            match &self.args.quant {
-                None => {
-                    let (name, ()) = match sw.dtype() {
-                        DType::F32 => ("moe_gemm_f32_f32", ()),
-                        DType::BF16 => ("moe_gemm_f32_bf16", ()),
-                        DType::F16 => ("moe_gemm_f32_f16", ()),
-                        dt => bail!("grouped gemm: unsupported weight dtype {dt:?}"),
-                    };
-                    // tensor cores for bf16 / f16 weights in 16-row align blocks
-                    if cfg!(moe_wmma)
-                        && l.block_size == 16
-                        && matches!(sw.dtype(), DType::BF16 | DType::F16)
-                    {
-                        let cfg = LaunchConfig {
-                            grid_dim: (l.max_num_blocks as u32, n.div_ceil(64) as u32, 1),
-                            block_dim: (128, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        macro_rules! wmma {
-                            ($t:ty, $name:expr) => {{
-                                let wv = view::<$t>(sw, lw, "weights")?;
-                                launch!(
-                                    dev, $name, cfg, &av, &wv, &routing, &bias_v, &has_bias,
-                                    &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &mp, &mb,
-                                    &nl
-                                );
-                            }};
-                        }
-                        if sw.dtype() == DType::BF16 {
-                            wmma!(bf16, "moe_gemm_wmma_bf16");
-                        } else {
-                            wmma!(f16, "moe_gemm_wmma_f16");
-                        }
-                        return Ok((
-                            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-                            Shape::from((l.numel, n)),
-                        ));
-                    }
-                    let (zb, zk) = (0i32, 0i32);
-                    macro_rules! go {
-                        ($t:ty) => {{
-                            let wv = view::<$t>(sw, lw, "weights")?;
-                            launch!(
-                                dev, name, cfg, &av, &wv, &dummy, &routing, &bias_v, &has_bias,
-                                &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &bs, &mp, &mb,
-                                &nl, &zb, &zk
-                            );
-                        }};
-                    }
-                    match sw.dtype() {
-                        DType::F32 => go!(f32),
-                        DType::BF16 => go!(bf16),
-                        _ => go!(f16),
-                    }
-                }
-                Some(q) => {
-                    let st = q.scales().storage_and_layout();
-                    let Storage::Cuda(sc) = &*st.0 else {
-                        bail!("grouped gemm: weight scales must be on the gpu like the weights")
-                    };
-                    let (name, bn, bk) = match q {
-                        WeightQuant::Fp8 { block, .. } => ("moe_gemm_f32_fp8", block.0, block.1),
-                        WeightQuant::Mxfp4 { .. } => ("moe_gemm_f32_mxfp4", 1, 32),
-                    };
-                    let (bni, bki) = (
-                        i32_arg(bn.max(1), "block rows")?,
-                        i32_arg(bk.max(1), "block cols")?,
-                    );
-                    macro_rules! go {
-                        ($t:ty, $s:ty) => {{
-                            let wv = view::<$t>(sw, lw, "weights")?;
-                            let sv = view::<$s>(sc, st.1, "weight scales")?;
-                            launch!(
-                                dev, name, cfg, &av, &wv, &sv, &routing, &bias_v, &has_bias,
-                                &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &bs, &mp, &mb,
-                                &nl, &bni, &bki
-                            );
-                        }};
-                    }
-                    match (q, sw.dtype()) {
-                        (WeightQuant::Fp8 { .. }, DType::U8) => go!(u8, f32),
-                        (WeightQuant::Fp8 { .. }, DType::F8E4M3) => go!(float8::F8E4M3, f32),
-                        (WeightQuant::Mxfp4 { .. }, DType::U8) => go!(u8, u8),
-                        (_, dt) => bail!("grouped gemm: quantized weights must be U8 (or F8E4M3 for fp8), got {dt:?}"),
-                    }
-                }
-            }
-        }
+        let (out, _kernel) = super::gemm_cuda::run(
+            &self.layout,
+            &self.args,
+            (sa, la),
+            (sw, lw),
+            (sr, lr),
+            (e_local, n, k),
+        )?;
         Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((l.numel, n)),
+            candle_core::CudaStorage::wrap_cuda_slice(out, sa.device.clone()),
+            Shape::from((self.layout.numel, n)),
         ))
     }
 }

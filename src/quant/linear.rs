@@ -10,7 +10,8 @@ use super::{Mxfp4, QuantScheme};
 use crate::error::{MoeError, Result};
 use crate::modular::ActQuant;
 use crate::ops::{
-    fp8_group_quant_dequant, grouped_gemm, moe_align_block_size, GroupedGemmArgs, WeightQuant,
+    align_block_size, grouped_gemm, moe_align_block_size, CudaGemmKernel, GroupedGemmArgs,
+    WeightQuant,
 };
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -68,16 +69,11 @@ impl Module for QLinear {
                     candle_core::bail!("linear: scalar input")
                 };
                 let rows: usize = lead.iter().product();
-                let x2 = x.reshape((rows, in_dim))?.contiguous()?;
-                let a = match act {
-                    Some(ActQuant::Fp8PerTokenGroup { group }) => {
-                        fp8_group_quant_dequant(&x2, *group)?
-                    }
-                    None => x2,
-                };
+                let a = x.reshape((rows, in_dim))?.contiguous()?;
                 // every row to the one expert
                 let ids = Tensor::zeros((rows, 1), DType::U32, x.device())?;
-                let routing = moe_align_block_size(&ids, 16, 1, 1, None)?;
+                let bs = align_block_size(x.device(), rows, 1, 1);
+                let routing = moe_align_block_size(&ids, bs, 1, 1, None)?;
                 let y = grouped_gemm(
                     &a,
                     w,
@@ -87,6 +83,8 @@ impl Module for QLinear {
                         bias: bias.clone(),
                         topk_weights: None,
                         quant: Some(quant.clone()),
+                        act_quant_group: act.map(|ActQuant::Fp8PerTokenGroup { group }| group),
+                        kernel: CudaGemmKernel::Auto,
                     },
                 )?;
                 let mut shape = lead.to_vec();
@@ -174,6 +172,7 @@ pub fn qlinear(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::fp8_group_quant_dequant;
     use crate::quant::fp8_codec::{e4m3_to_f32, quantize_fp8_block, SourcePrecision};
     use crate::quant::{Fp8, Fp8Strategy};
     use candle_core::Device;
