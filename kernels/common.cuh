@@ -8,6 +8,17 @@
 
 #define NON_LOCAL 0xffffffffu
 
+// Tags of the packed weight formats: FP8 e4m3 with block scales, MXFP4.
+struct WFp8 {};
+struct WMx {};
+
+// Dynamically sized shared memory (the launch sets its size).
+#ifdef MOE_EMU
+#define DYNAMIC_SHARED(T, name) T *name = (T *)emu_dynamic_smem()
+#else
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 // ---------------------------------------------------------------- loads ----
 
 __device__ __forceinline__ float to_f(float x) { return x; }

@@ -14,9 +14,6 @@
 #include "common.cuh"
 #include <mma.h>
 
-struct WFp8 {};
-struct WMx {};
-
 // e2m1 nibble -> f16 bits: the 3 magnitude bits placed at the f16 exponent /
 // mantissa boundary give value * 2^-14 (normal and subnormal alike).
 __device__ __forceinline__ unsigned int e2m1_f16_bits(unsigned int nib) {

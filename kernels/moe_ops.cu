@@ -28,7 +28,7 @@ template <typename T>
 __device__ void topk_select(const T *logits, const float *bias, int has_bias, uint32_t *ids,
                             int t_count, int e, int k, int sigmoid, int num_groups,
                             int topk_group) {
-  extern __shared__ float smem[];
+  DYNAMIC_SHARED(float, smem);
   int warps = blockDim.x / 32;
   int w = threadIdx.x / 32, lane = threadIdx.x % 32;
   int t = blockIdx.x * warps + w;
@@ -171,7 +171,7 @@ extern "C" __global__ void moe_align(const uint32_t *ids, const int *expert_map,
                                      uint32_t *out,
                                      int numel, int block_size, int num_experts, int num_local,
                                      int max_padded, int max_blocks) {
-  extern __shared__ int sh[];
+  DYNAMIC_SHARED(int, sh);
   int *counts = sh;                    // [E]
   int *starts = sh + num_experts;      // [E + 1]
   int *pos = starts + num_experts + 1; // [E]
@@ -223,9 +223,6 @@ extern "C" __global__ void moe_align(const uint32_t *ids, const int *expert_map,
 #define BN 64
 #define BK 32
 #define MAXBM 64
-
-struct WFp8 {};
-struct WMx {};
 
 template <typename TW> struct WLoad;
 template <> struct WLoad<float> {

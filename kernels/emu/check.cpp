@@ -1,4 +1,4 @@
-// Runs the grouped-GEMM kernels of moe_gemm.cu and moe_fp8_mma.cu under the
+// Runs the kernels of moe_ops.cu, moe_gemm.cu and moe_fp8_mma.cu under the
 // host emulation (include/cuda_emu.h) against plain double-precision
 // references on small problems that hit their edges: partial row / column /
 // k tiles, several blocks per expert, non-local experts (-1 blocks), bias
@@ -6,11 +6,14 @@
 // This proves the kernels' indexing on a machine without a GPU; their speed
 // and the real hardware's behaviour are for examples/gpu_check.rs.
 //
-//     bash kernels/emu/run.sh
+//     bash kernels/emu/run.sh   (tests/cuda_kernels_emulated.rs runs it too)
 #include "cuda_emu.h"
 
 #include "../moe_fp8_mma.cu"
 #include "../moe_gemm.cu"
+#include "../moe_ops.cu"
+
+#include <algorithm>
 
 #include <cstdio>
 #include <string>
@@ -63,6 +66,8 @@ static Routing align(const std::vector<uint32_t> &ids, int bs, int E, const std:
     for (int b = starts[x] / bs; b < starts[x + 1] / bs; b++)
       r.buf[r.max_padded + b] = map[x] >= 0 ? (uint32_t)map[x] : NON_LOCAL;
   r.buf[r.max_padded + r.max_blocks] = (uint32_t)starts[E];
+  for (int x = 0; x < E; x++)
+    if (map[x] >= 0) r.buf[r.max_padded + r.max_blocks + 1 + map[x]] = (uint32_t)counts[x];
   return r;
 }
 
@@ -262,6 +267,180 @@ static void check_fp8_mma(int bs) {
   report("fp8 mma block " + std::to_string(bs), max_rel(out, reference(p, w.dec, adq)), 1e-5);
 }
 
+// ------------------------------------------------------------ moe_ops.cu ----
+
+static void check_topk(bool sigmoid) {
+  const int T = 9, E = 64, K = 6, G = sigmoid ? 8 : 1, TG = sigmoid ? 3 : 1;
+  std::vector<float> logits(T * E), bias(E);
+  for (auto &v : logits) v = uni(3.f);
+  for (auto &v : bias) v = uni(0.1f);
+  std::vector<uint32_t> ids(T * K, 99);
+  const int warps = 4;
+  emu_launch(dim3{(T + warps - 1) / warps, 1, 1}, dim3{32 * warps, 1, 1}, [&] {
+    moe_topk_select_f32(logits.data(), bias.data(), sigmoid, ids.data(), T, E, K, sigmoid, G, TG);
+  }, warps * (E + G) * 4);
+  std::vector<float> w(T * K);
+  emu_launch(dim3{(T + 3) / 4, 1, 1}, dim3{128, 1, 1}, [&] {
+    moe_router_weights_f32(logits.data(), ids.data(), w.data(), T, E, K, sigmoid, 1, 2.5f);
+  });
+  int bad = 0;
+  double werr = 0;
+  for (int t = 0; t < T; t++) {
+    const float *l = &logits[t * E];
+    std::vector<double> p(E);
+    double mx = *std::max_element(l, l + E), sum = 0;
+    for (int j = 0; j < E; j++) sum += std::exp(l[j] - mx);
+    for (int j = 0; j < E; j++)
+      p[j] = sigmoid ? 1.0 / (1.0 + std::exp(-(double)l[j])) : std::exp(l[j] - mx) / sum;
+    std::vector<double> sel(E);
+    for (int j = 0; j < E; j++) sel[j] = p[j] + (sigmoid ? bias[j] : 0.0);
+    if (G > 1) {
+      int per = E / G;
+      std::vector<std::pair<double, int>> gs;
+      for (int g = 0; g < G; g++) {
+        std::vector<double> c(sel.begin() + g * per, sel.begin() + (g + 1) * per);
+        std::sort(c.rbegin(), c.rend());
+        gs.push_back({-(c[0] + c[1]), g}); // with a bias: sum of the best two
+      }
+      std::sort(gs.begin(), gs.end());
+      for (int r = TG; r < G; r++)
+        for (int j = 0; j < per; j++) sel[gs[r].second * per + j] = -INFINITY;
+    }
+    std::vector<int> order(E);
+    for (int j = 0; j < E; j++) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return sel[a] > sel[b]; });
+    double tot = 0;
+    for (int r = 0; r < K; r++) tot += p[order[r]];
+    for (int r = 0; r < K; r++) {
+      bad += ids[t * K + r] != (uint32_t)order[r];
+      werr = std::max(werr, std::fabs(w[t * K + r] - p[order[r]] / tot * 2.5));
+    }
+  }
+  report(std::string("topk select ") + (sigmoid ? "sigmoid grouped+bias" : "softmax"), bad, 0);
+  report(std::string("router weights ") + (sigmoid ? "sigmoid" : "softmax"), werr, 1e-6);
+}
+
+static void check_align(bool with_map) {
+  Problem p = problem(15, 3, 10, 8, 8, true);
+  if (!with_map)
+    for (int x = 0; x < p.E; x++) p.map[x] = x;
+  Routing want = align(p.ids, 16, p.E, p.map);
+  std::vector<uint32_t> got(want.buf.size(), 7);
+  emu_launch(dim3{1, 1, 1}, dim3{1024, 1, 1}, [&] {
+    moe_align(p.ids.data(), p.map.data(), with_map, got.data(), want.numel, 16, p.E,
+              want.num_local, want.max_padded, want.max_blocks);
+  }, (3 * p.E + 1) * 4);
+  // rows inside one expert's run may come in any order: compare each run sorted
+  int bad = 0;
+  size_t tail = want.max_padded;
+  for (size_t i = tail; i < want.buf.size(); i++) bad += got[i] != want.buf[i];
+  int blocks = (int)want.buf[want.max_padded + want.max_blocks] / 16;
+  for (int b0 = 0; b0 < blocks;) {
+    int b1 = b0;
+    while (b1 < blocks && want.buf[tail + b1] == want.buf[tail + b0]) b1++;
+    std::vector<uint32_t> g(got.begin() + b0 * 16, got.begin() + b1 * 16),
+        w(want.buf.begin() + b0 * 16, want.buf.begin() + b1 * 16);
+    std::sort(g.begin(), g.end());
+    std::sort(w.begin(), w.end());
+    bad += g != w;
+    b0 = b1;
+  }
+  for (int i = blocks * 16; i < want.max_padded; i++) bad += got[i] != want.buf[i];
+  report(std::string("align ") + (with_map ? "with expert map" : "no map"), bad, 0);
+}
+
+static void check_simt(const std::string &fmt, int bs) {
+  Problem p = problem(bs == 16 ? 12 : 60, bs == 16 ? 3 : 2, 6, 72, 320, true);
+  int L = p.local();
+  Weights w = make_weights(fmt, L, p.N, p.K, 32, 64);
+  Routing r = align(p.ids, bs, p.E, p.map);
+  std::vector<float> out((size_t)r.numel * p.N, 0.f);
+  int blocks = std::min(r.max_blocks, r.numel);
+  emu_launch(dim3{(unsigned)blocks, (unsigned)((p.N + 63) / 64), 1}, dim3{256, 1, 1}, [&] {
+    auto f = fmt == "f32"    ? moe_gemm_f32_f32
+             : fmt == "bf16" ? moe_gemm_f32_bf16
+             : fmt == "f16"  ? moe_gemm_f32_f16
+             : fmt == "fp8"  ? moe_gemm_f32_fp8
+                             : moe_gemm_f32_mxfp4;
+    f(p.a.data(), w.raw.data(), scales_of(w), r.buf.data(), p.bias.data(), 1, p.topk_w.data(), 1,
+      out.data(), p.N, p.K, p.top_k, r.numel, bs, r.max_padded, r.max_blocks, L, w.bn, w.bk);
+  });
+  report("simt " + fmt + " block " + std::to_string(bs), max_rel(out, reference(p, w.dec, p.a)),
+         1e-5);
+}
+
+static void check_wmma16(const std::string &fmt) {
+  Problem p = problem(12, 3, 6, 72, 200, true);
+  int L = p.local();
+  Weights w = make_weights(fmt, L, p.N, p.K, 1, 1);
+  Routing r = align(p.ids, 16, p.E, p.map);
+  std::vector<float> out((size_t)r.numel * p.N, 0.f);
+  int blocks = std::min(r.max_blocks, r.numel);
+  emu_launch(dim3{(unsigned)blocks, (unsigned)((p.N + 63) / 64), 1}, dim3{128, 1, 1}, [&] {
+    if (fmt == "bf16")
+      moe_gemm_wmma_bf16(p.a.data(), (const __nv_bfloat16 *)w.raw.data(), r.buf.data(),
+                         p.bias.data(), 1, p.topk_w.data(), 1, out.data(), p.N, p.K, p.top_k,
+                         r.numel, r.max_padded, r.max_blocks, L);
+    else
+      moe_gemm_wmma_f16(p.a.data(), (const __half *)w.raw.data(), r.buf.data(), p.bias.data(),
+                        1, p.topk_w.data(), 1, out.data(), p.N, p.K, p.top_k, r.numel,
+                        r.max_padded, r.max_blocks, L);
+  });
+  std::vector<float> ar(p.a);
+  for (float &v : ar)
+    v = fmt == "f16" ? __half2float(__float2half(v)) : __bfloat162float(__float2bfloat16(v));
+  report("wmma16 " + fmt, max_rel(out, reference(p, w.dec, ar)), 1e-5);
+}
+
+static void check_elementwise() {
+  const int rows = 7, inter = 37, tokens = 5, k = 3, h = 19;
+  std::vector<float> x(rows * 2 * inter), y(rows * inter);
+  for (auto &v : x) v = uni(4.f);
+  for (int act = 0; act < 3; act++) {
+    emu_launch(dim3{2, 1, 1}, dim3{64, 1, 1},
+               [&] { moe_act_and_mul_f32(x.data(), y.data(), rows, inter, act); });
+    double err = 0;
+    for (int r = 0; r < rows; r++)
+      for (int j = 0; j < inter; j++) {
+        double g = x[r * 2 * inter + j], u = x[r * 2 * inter + inter + j];
+        double a = act == 0   ? g / (1 + std::exp(-g))
+                   : act == 1 ? 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)))
+                              : 0.5 * g * (1 + std::tanh(std::sqrt(2 / M_PI) * (g + 0.044715 * g * g * g)));
+        err = std::max(err, std::fabs(y[r * inter + j] - a * u) / (1 + std::fabs(a * u)));
+      }
+    report("act_and_mul act " + std::to_string(act), err, 1e-5);
+  }
+  std::vector<float> in(tokens * k * h), w(tokens * k), out(tokens * h);
+  for (auto &v : in) v = uni(1.f);
+  for (auto &v : w) v = uni(1.f);
+  for (int has_w = 0; has_w < 2; has_w++) {
+    emu_launch(dim3{1, 1, 1}, dim3{64, 1, 1},
+               [&] { moe_weighted_sum_f32(in.data(), w.data(), has_w, out.data(), tokens, k, h); });
+    double err = 0;
+    for (int t = 0; t < tokens; t++)
+      for (int c = 0; c < h; c++) {
+        double s = 0;
+        for (int j = 0; j < k; j++) s += (has_w ? w[t * k + j] : 1.0) * in[(t * k + j) * h + c];
+        err = std::max(err, std::fabs(out[t * h + c] - s));
+      }
+    report(std::string("weighted sum") + (has_w ? " with weights" : ""), err, 1e-6);
+  }
+  // quantize-dequantize equals the byte kernel's values times their scales
+  const int r2 = 6, cols = 200, group = 64, groups = (cols + group - 1) / group;
+  std::vector<float> a(r2 * cols), dq(r2 * cols), qs(r2 * groups);
+  std::vector<uint8_t> q(r2 * cols);
+  for (auto &v : a) v = uni(5.f);
+  emu_launch(dim3{(r2 * groups + 7) / 8, 1, 1}, dim3{256, 1, 1},
+             [&] { moe_fp8_group_quant_f32(a.data(), dq.data(), r2, cols, group); });
+  emu_launch(dim3{(r2 * groups + 7) / 8, 1, 1}, dim3{256, 1, 1}, [&] {
+    moe_fp8_group_quant_bytes_f32(a.data(), q.data(), qs.data(), r2, cols, group);
+  });
+  double err = 0;
+  for (int i = 0; i < r2 * cols; i++)
+    err = std::max(err, (double)std::fabs(dq[i] - emu_e4m3(q[i]) * qs[(i / cols) * groups + (i % cols) / group]));
+  report("fp8 quant-dequant == bytes * scale", err, 0);
+}
+
 int main() {
   // e4m3 bytes survive decode -> encode
   int bad = 0;
@@ -272,6 +451,14 @@ int main() {
   for (const char *f : {"bf16", "f16", "fp8", "mxfp4"}) check_tc64(f);
   check_fp8_mma(16);
   check_fp8_mma(64);
+  check_topk(false);
+  check_topk(true);
+  check_align(true);
+  check_align(false);
+  for (const char *f : {"f32", "bf16", "f16", "fp8", "mxfp4"})
+    for (int bs : {16, 64}) check_simt(f, bs);
+  for (const char *f : {"bf16", "f16"}) check_wmma16(f);
+  check_elementwise();
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }

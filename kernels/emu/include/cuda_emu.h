@@ -129,9 +129,12 @@ struct EmuCta {
   std::unique_ptr<std::barrier<>> cta;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> xchg; // one 8-byte slot per thread
+  std::vector<uint64_t> dyn_smem;
 };
 inline thread_local EmuCta *emu_cta = nullptr;
 
+inline void *emu_dynamic_smem() { return emu_cta->dyn_smem.data(); }
+inline int atomicAdd(int *p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void __syncthreads() { emu_cta->cta->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   emu_cta->warps[threadIdx.x / 32]->arrive_and_wait();
@@ -151,7 +154,8 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T v, int off) {
 }
 
 /// Runs `kernel` over the grid: CTAs one after another, each as real threads.
-inline void emu_launch(dim3 grid, dim3 block, const std::function<void()> &kernel) {
+inline void emu_launch(dim3 grid, dim3 block, const std::function<void()> &kernel,
+                       size_t shared_bytes = 0) {
   gridDim = grid;
   blockDim = block;
   unsigned nt = block.x;
@@ -161,6 +165,7 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()> &kerne
       c.cta = std::make_unique<std::barrier<>>(nt);
       for (unsigned w = 0; w < (nt + 31) / 32; w++) c.warps.push_back(std::make_unique<std::barrier<>>(32));
       c.xchg.assign(nt, 0);
+      c.dyn_smem.assign(shared_bytes / 8 + 1, 0);
       std::vector<std::thread> ts;
       for (unsigned t = 0; t < nt; t++)
         ts.emplace_back([&, t] {
