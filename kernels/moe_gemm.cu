@@ -411,12 +411,14 @@ __device__ void gemm_tc64(const float *a, const uint8_t *w, const void *scales,
 #endif
 }
 
+// Same arguments as the GEMV and SIMT kernels; block_size must be 64.
 #define TC(NAME, TW, CT, SCALED)                                                              \
   extern "C" __global__ void __launch_bounds__(256)                                            \
       NAME(const float *a, const uint8_t *w, const void *scales, const uint32_t *routing,      \
            const float *bias, int has_bias, const float *topk_w, int has_w, float *out, int N, \
-           int K, int row_div, int numel, int max_padded, int max_blocks, int num_local,       \
-           int bn, int bk) {                                                                   \
+           int K, int row_div, int numel, int block_size, int max_padded, int max_blocks,      \
+           int num_local, int bn, int bk) {                                                    \
+    (void)block_size;                                                                          \
     gemm_tc64<TW, CT, SCALED>(a, w, scales, routing, bias, has_bias, topk_w, has_w, out, N, K, \
                               row_div, numel, max_padded, max_blocks, num_local, bn, bk);      \
   }

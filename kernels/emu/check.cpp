@@ -208,7 +208,7 @@ static void check_tc64(const std::string &fmt) {
              : fmt == "fp8" ? moe_gemm_tc64_fp8
                             : moe_gemm_tc64_mxfp4;
     f(p.a.data(), w.raw.data(), scales_of(w), r.buf.data(), p.bias.data(), 1, p.topk_w.data(),
-      1, out.data(), p.N, p.K, p.top_k, r.numel, r.max_padded, r.max_blocks, L, w.bn, w.bk);
+      1, out.data(), p.N, p.K, p.top_k, r.numel, 64, r.max_padded, r.max_blocks, L, w.bn, w.bk);
   });
   // the kernel computes with activations rounded to 16 bits
   std::vector<float> ar(p.a);

@@ -475,7 +475,6 @@ mod launch {
                 a_op.view()?
             }
         };
-        let scale_dummy = zeros::<u8>(dev, 1)?;
         let sc_storage = match &scales_g {
             Some((st, sl)) => match &**st {
                 Storage::Cuda(c) => Some((c, *sl)),
@@ -483,53 +482,33 @@ mod launch {
             },
             None => None,
         };
-        // one launch per (kernel, weight dtype, scale dtype)
+        // SIMT, GEMV and tc64 share one signature; float weights get a dummy
+        // scale buffer
         macro_rules! go {
-            ($t:ty, $s:ty, $module:expr, $name:expr, $cfg:expr, no_bs) => {{
-                let wv = view::<$t>(sw, lw, "weights")?;
-                match sc_storage {
-                    Some((c, sl)) => {
-                        let sv = view::<$s>(c, sl, "weight scales")?;
-                        launch!(in $module; dev, $name, $cfg, &av, &wv, &sv, &routing, &bias_v,
-                            &has_bias, &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &mp,
-                            &mb, &nl, &bni, &bki);
-                    }
-                    None => {
-                        launch!(in $module; dev, $name, $cfg, &av, &wv, &scale_dummy, &routing,
-                            &bias_v, &has_bias, &wts_v, &has_w, &out, &ni, &ki, &row_div,
-                            &numel, &mp, &mb, &nl, &bni, &bki);
-                    }
-                }
-            }};
             ($t:ty, $s:ty, $module:expr, $name:expr, $cfg:expr) => {{
                 let wv = view::<$t>(sw, lw, "weights")?;
-                match sc_storage {
-                    Some((c, sl)) => {
-                        let sv = view::<$s>(c, sl, "weight scales")?;
-                        launch!(in $module; dev, $name, $cfg, &av, &wv, &sv, &routing, &bias_v,
-                            &has_bias, &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &bs,
-                            &mp, &mb, &nl, &bni, &bki);
-                    }
-                    None => {
-                        launch!(in $module; dev, $name, $cfg, &av, &wv, &scale_dummy, &routing,
-                            &bias_v, &has_bias, &wts_v, &has_w, &out, &ni, &ki, &row_div,
-                            &numel, &bs, &mp, &mb, &nl, &bni, &bki);
-                    }
-                }
+                let dummy_s = zeros::<$s>(dev, 1)?;
+                let sv = match sc_storage {
+                    Some((c, sl)) => view::<$s>(c, sl, "weight scales")?,
+                    None => dummy_s.slice(..),
+                };
+                launch!(in $module; dev, $name, $cfg, &av, &wv, &sv, &routing, &bias_v,
+                    &has_bias, &wts_v, &has_w, &out, &ni, &ki, &row_div, &numel, &bs, &mp,
+                    &mb, &nl, &bni, &bki);
             }};
         }
         // dispatch on the weight storage dtype
         macro_rules! by_dtype {
-            ($module:expr, $name:expr, $cfg:expr $(, $nb:ident)?) => {{
+            ($module:expr, $name:expr, $cfg:expr) => {{
                 match (fmt, sw.dtype()) {
-                    (Fmt::F32, _) => go!(f32, u8, $module, $name, $cfg $(, $nb)?),
-                    (Fmt::Bf16, _) => go!(bf16, u8, $module, $name, $cfg $(, $nb)?),
-                    (Fmt::F16, _) => go!(f16, u8, $module, $name, $cfg $(, $nb)?),
+                    (Fmt::F32, _) => go!(f32, u8, $module, $name, $cfg),
+                    (Fmt::Bf16, _) => go!(bf16, u8, $module, $name, $cfg),
+                    (Fmt::F16, _) => go!(f16, u8, $module, $name, $cfg),
                     (Fmt::Fp8 { .. }, DType::F8E4M3) => {
-                        go!(float8::F8E4M3, f32, $module, $name, $cfg $(, $nb)?)
+                        go!(float8::F8E4M3, f32, $module, $name, $cfg)
                     }
-                    (Fmt::Fp8 { .. }, _) => go!(u8, f32, $module, $name, $cfg $(, $nb)?),
-                    (Fmt::Mxfp4, _) => go!(u8, u8, $module, $name, $cfg $(, $nb)?),
+                    (Fmt::Fp8 { .. }, _) => go!(u8, f32, $module, $name, $cfg),
+                    (Fmt::Mxfp4, _) => go!(u8, u8, $module, $name, $cfg),
                 }
             }};
         }
@@ -544,7 +523,7 @@ mod launch {
             }
             K::Tc64 => {
                 let name = format!("moe_gemm_tc64_{}", fmt.tag());
-                by_dtype!(GEMM, &name, grid(128, 256), no_bs);
+                by_dtype!(GEMM, &name, grid(128, 256));
             }
             K::Wmma16 => {
                 let name = format!("moe_gemm_wmma_{}", fmt.tag());
