@@ -12,6 +12,17 @@
 struct WFp8 {};
 struct WMx {};
 
+// The local expert of align block `blk` (blocks of `bs` rows) in a routing
+// buffer (src/ops/align.rs layout), or -1 when the block lies past
+// num_tokens_post_padded or belongs to a non-local expert: nothing to do.
+__device__ __forceinline__ int block_expert(const uint32_t *routing, int blk, int bs,
+                                            int max_padded, int max_blocks, int num_local) {
+  uint32_t post_pad = routing[max_padded + max_blocks];
+  if ((uint32_t)(blk * bs) >= post_pad) return -1;
+  uint32_t ex = routing[max_padded + blk];
+  return (ex == NON_LOCAL || ex >= (uint32_t)num_local) ? -1 : (int)ex;
+}
+
 // Dynamically sized shared memory (the launch sets its size).
 #ifdef MOE_EMU
 #define DYNAMIC_SHARED(T, name) T *name = (T *)emu_dynamic_smem()

@@ -77,12 +77,10 @@ __device__ void gemm_fp8_mma(const uint8_t *aq, const float *as, const uint8_t *
   __shared__ __align__(16) uint8_t w_s[F8_BN][F8_LD];
   __shared__ int rows[BM];
   const uint32_t *sorted = routing;
-  const uint32_t *expert_ids = routing + max_padded;
-  uint32_t post_pad = routing[max_padded + max_blocks];
-  int blk = blockIdx.x;
-  if ((uint32_t)(blk * BM) >= post_pad) return;
-  uint32_t ex = expert_ids[blk];
-  if (ex == NON_LOCAL || ex >= (uint32_t)num_local) return;
+  const int blk = blockIdx.x;
+  const int ex_local = block_expert(routing, blk, BM, max_padded, max_blocks, num_local);
+  if (ex_local < 0) return;
+  const uint32_t ex = (uint32_t)ex_local;
   const int n0 = blockIdx.y * F8_BN;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;

@@ -133,12 +133,10 @@ __device__ void gemv_grouped(const float *a, const uint8_t *w, const void *scale
   __shared__ int rows[GV_MAXR];
   __shared__ int nrows_s;
   const uint32_t *sorted = routing;
-  const uint32_t *expert_ids = routing + max_padded;
-  uint32_t post_pad = routing[max_padded + max_blocks];
-  int blk = blockIdx.x;
-  if ((uint32_t)(blk * block_size) >= post_pad) return;
-  uint32_t ex = expert_ids[blk];
-  if (ex == NON_LOCAL || ex >= (uint32_t)num_local) return;
+  const int blk = blockIdx.x;
+  const int ex_local = block_expert(routing, blk, block_size, max_padded, max_blocks, num_local);
+  if (ex_local < 0) return;
+  const uint32_t ex = (uint32_t)ex_local;
   if (threadIdx.x == 0) {
     int c = 0;
     for (int r = 0; r < block_size && r < GV_MAXR; r++) {
@@ -311,12 +309,10 @@ __device__ void gemm_tc64(const float *a, const uint8_t *w, const void *scales,
   __shared__ __align__(32) float cs[8][16][TC_CLD];
   __shared__ int rows[TC_BM];
   const uint32_t *sorted = routing;
-  const uint32_t *expert_ids = routing + max_padded;
-  uint32_t post_pad = routing[max_padded + max_blocks];
-  int blk = blockIdx.x;
-  if ((uint32_t)(blk * TC_BM) >= post_pad) return;
-  uint32_t ex = expert_ids[blk];
-  if (ex == NON_LOCAL || ex >= (uint32_t)num_local) return;
+  const int blk = blockIdx.x;
+  const int ex_local = block_expert(routing, blk, TC_BM, max_padded, max_blocks, num_local);
+  if (ex_local < 0) return;
+  const uint32_t ex = (uint32_t)ex_local;
   const int n0 = blockIdx.y * TC_BN;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / 4, wn = warp % 4;

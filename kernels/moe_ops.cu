@@ -273,12 +273,10 @@ __device__ void grouped_gemm(const TA *a, const void *w, const void *scales,
   __shared__ float ws[BN][BK + 1];
   __shared__ int rows[MAXBM];
   const uint32_t *sorted = routing;
-  const uint32_t *expert_ids = routing + max_padded;
-  uint32_t post_pad = routing[max_padded + max_blocks];
-  int blk = blockIdx.x;
-  if ((uint32_t)(blk * block_size) >= post_pad) return;
-  uint32_t ex = expert_ids[blk];
-  if (ex == NON_LOCAL || ex >= (uint32_t)num_local) return;
+  const int blk = blockIdx.x;
+  const int ex_local = block_expert(routing, blk, block_size, max_padded, max_blocks, num_local);
+  if (ex_local < 0) return;
+  const uint32_t ex = (uint32_t)ex_local;
   int n0 = blockIdx.y * BN;
   for (int r = threadIdx.x; r < block_size; r += blockDim.x) {
     uint32_t s = sorted[blk * block_size + r];
@@ -465,12 +463,10 @@ __device__ void grouped_gemm_wmma(const float *a, const TW *w, const uint32_t *r
   __shared__ __align__(32) float cs[TM][TN];
   __shared__ int rows[TM];
   const uint32_t *sorted = routing;
-  const uint32_t *expert_ids = routing + max_padded;
-  uint32_t post_pad = routing[max_padded + max_blocks];
-  int blk = blockIdx.x;
-  if ((uint32_t)(blk * TM) >= post_pad) return;
-  uint32_t ex = expert_ids[blk];
-  if (ex == NON_LOCAL || ex >= (uint32_t)num_local) return;
+  const int blk = blockIdx.x;
+  const int ex_local = block_expert(routing, blk, TM, max_padded, max_blocks, num_local);
+  if (ex_local < 0) return;
+  const uint32_t ex = (uint32_t)ex_local;
   int n0 = blockIdx.y * TN;
   int warp = threadIdx.x / 32;
   if (threadIdx.x < TM) {
