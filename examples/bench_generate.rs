@@ -13,7 +13,7 @@
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_moe::quant::QuantScheme;
-use candle_moe_models::{Checkpoint, LoadOptions, QwenMoeForCausalLM};
+use candle_moe_models::{Checkpoint, LoadOptions, Logits, QwenMoeForCausalLM, Session};
 use candle_transformers::models::qwen2_moe;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -149,18 +149,18 @@ fn main() -> Result<()> {
             quant: quant.map(QuantScheme::on_load).transpose()?,
             ..Default::default()
         };
-        let mut m =
-            QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dt, &dev)?, &opts)?;
+        let m = QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dt, &dev)?, &opts)?;
         let mut best = (f64::MAX, f64::MAX);
+        let mut s = Session::new(&m, 1, prompt_len + gen + 1)?;
         for _ in 0..2 {
-            m.clear_kv_cache();
+            s.reset();
             let t = Instant::now();
-            let mut l = m.forward(&x, true)?;
+            let mut l = s.step(&[&prompt], Logits::Last)?;
             let tp = t.elapsed().as_secs_f64();
             let t = Instant::now();
             for _ in 0..gen {
                 let next = l.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-                l = m.forward(&Tensor::new(&[[next]], &dev)?, true)?;
+                l = s.step(&[&[next]], Logits::Last)?;
             }
             let tg = t.elapsed().as_secs_f64();
             best = (best.0.min(tp), best.1.min(tg));

@@ -237,15 +237,14 @@ fn main() -> Result<()> {
                     let rank = comm.as_ref().map_or(0, RankComm::rank);
                     let dev = &rank_device(dev, rank)?;
                     let r = (|| -> Result<()> {
-                        let mut m = load(comm, dev)?;
+                        let m = load(comm, dev)?;
                         let mut sampler = Sampler::new(args.sampling.clone());
                         generate(
-                            &mut m,
+                            &m,
                             prompt_ids,
                             args.max_new_tokens,
                             &mut sampler,
                             &ck.eos_token_ids,
-                            dev,
                             |_| true,
                         )?;
                         Ok(())
@@ -266,7 +265,7 @@ fn main() -> Result<()> {
             r
         };
         poison_on_err((|| -> Result<()> {
-            let mut model = load(rank0, &dev)?;
+            let model = load(rank0, &dev)?;
             let kernel = model
                 .moe_blocks()
                 .next()
@@ -281,14 +280,7 @@ fn main() -> Result<()> {
                 args.ep_placement,
                 t.elapsed().as_secs_f64()
             );
-            run(
-                &args,
-                &mut model,
-                &ck,
-                tokenizer.as_ref(),
-                &prompt_ids,
-                &dev,
-            )?;
+            run(&args, &model, &ck, tokenizer.as_ref(), &prompt_ids)?;
             Ok(())
         })())?;
         for f in followers {
@@ -364,11 +356,10 @@ fn rank_device(dev: &candle_core::Device, rank: usize) -> Result<candle_core::De
 /// Generates on rank 0 (or the only rank), streaming and reporting.
 fn run(
     args: &Args,
-    model: &mut QwenMoeForCausalLM,
+    model: &QwenMoeForCausalLM,
     ck: &Checkpoint,
     tokenizer: Option<&tokenizers::Tokenizer>,
     prompt_ids: &[u32],
-    dev: &candle_core::Device,
 ) -> Result<()> {
     // stream: print the new suffix of the decoded text after each token
     let mut printed = String::new();
@@ -381,7 +372,6 @@ fn run(
         args.max_new_tokens,
         &mut sampler,
         &ck.eos_token_ids,
-        dev,
         |tok| {
             if stream {
                 all.push(tok);

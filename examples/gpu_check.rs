@@ -530,7 +530,7 @@ fn parity_checks(gpu: &Device, r: &mut Report, dir: &std::path::Path) -> Result<
                 .with_context(|| format!("{}", d.display()))?,
         )?;
         let ck = Checkpoint::open(&d)?;
-        let mut m = QwenMoeForCausalLM::new_with_options(
+        let m = QwenMoeForCausalLM::new_with_options(
             &ck.config,
             ck.var_builder(DType::F32, gpu)?,
             &LoadOptions::default(),
@@ -543,9 +543,9 @@ fn parity_checks(gpu: &Device, r: &mut Report, dir: &std::path::Path) -> Result<
                 .iter()
                 .filter_map(|v| v.as_u64().map(|v| v as u32))
                 .collect();
-            m.clear_kv_cache();
-            let x = Tensor::new(ids.as_slice(), gpu)?.unsqueeze(0)?;
-            let got = m.forward(&x, false)?.squeeze(0)?.to_device(&Device::Cpu)?;
+            let got = candle_moe_models::Session::new(&m, 1, ids.len())?
+                .step(&[&ids], candle_moe_models::Logits::All)?
+                .to_device(&Device::Cpu)?;
             let want: Vec<Vec<f32>> = serde_json::from_value(c["prompt_logits"].clone())?;
             let want = Tensor::new(want, &Device::Cpu)?;
             let (abs, _) = max_rel(&got, &want)?;

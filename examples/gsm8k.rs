@@ -131,30 +131,20 @@ fn main() -> Result<()> {
         quant,
         ..Default::default()
     };
-    let mut m =
-        QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dtype, &dev)?, &opts)?;
+    let m = QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dtype, &dev)?, &opts)?;
     let opts = EvalOptions {
         num_fewshot: num("--num-fewshot", 5)?,
         batch_size: num("--batch-size", 8)?,
         max_new_tokens: num("--max-new-tokens", 256)?,
         eos: ck.eos_token_ids.clone(),
-        pad_id: ck.eos_token_ids.first().copied().unwrap_or(0),
         model_name: model.to_string(),
     };
-    let report = evaluate(
-        &mut m,
-        &codec,
-        &train,
-        &test,
-        &opts,
-        &dev,
-        &mut |done, total| {
-            let w = 30;
-            let f = done * w / total.max(1);
-            eprint!("\r[{}{}] {done}/{total}", "#".repeat(f), " ".repeat(w - f));
-            let _ = std::io::stderr().flush();
-        },
-    )?;
+    let report = evaluate(&m, &codec, &train, &test, &opts, &mut |done, total| {
+        let w = 30;
+        let f = done * w / total.max(1);
+        eprint!("\r[{}{}] {done}/{total}", "#".repeat(f), " ".repeat(w - f));
+        let _ = std::io::stderr().flush();
+    })?;
     eprintln!();
     println!(
         "accuracy {:.4} ± {:.4}  invalid {:.4}  questions {}  wall {:.1}s  prompt {:.1} tok/s  generated {:.1} tok/s",

@@ -95,7 +95,7 @@ fn generate_matches_transformers_greedy() {
     let exp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let ck = Checkpoint::open(&dir).unwrap();
-    let mut m = QwenMoeForCausalLM::new(
+    let m = QwenMoeForCausalLM::new(
         &ck.config,
         ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
     )
@@ -121,12 +121,11 @@ fn generate_matches_transformers_greedy() {
         .collect();
     let mut seen = 0;
     let out = generate(
-        &mut m,
+        &m,
         &prompt,
         want.len(),
         &mut Sampler::new(SamplingParams::default()),
         &[],
-        &Device::Cpu,
         |_| {
             seen += 1;
             true
@@ -154,7 +153,7 @@ fn generate_matches_transformers_greedy() {
 fn batched_greedy_equals_batch_of_one() {
     let dir = root().join("models/tiny-qwen2-moe");
     let ck = Checkpoint::open(&dir).unwrap();
-    let mut m = QwenMoeForCausalLM::new(
+    let m = QwenMoeForCausalLM::new(
         &ck.config,
         ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
     )
@@ -164,33 +163,17 @@ fn batched_greedy_equals_batch_of_one() {
         vec![785, 6722, 315, 9625, 374, 12095, 13],
         vec![220],
     ];
-    let batched = generate_batch_greedy(
-        &mut m,
-        &prompts,
-        12,
-        &ck.eos_token_ids,
-        151643,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let batched = generate_batch_greedy(&m, &prompts, 12, &ck.eos_token_ids).unwrap();
     for (p, b) in prompts.iter().zip(&batched) {
-        let one = generate_batch_greedy(
-            &mut m,
-            std::slice::from_ref(p),
-            12,
-            &ck.eos_token_ids,
-            151643,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let one =
+            generate_batch_greedy(&m, std::slice::from_ref(p), 12, &ck.eos_token_ids).unwrap();
         assert_eq!(&one[0], b);
         let single = generate(
-            &mut m,
+            &m,
             p,
             12,
             &mut Sampler::new(SamplingParams::default()),
             &ck.eos_token_ids,
-            &Device::Cpu,
             |_| true,
         )
         .unwrap();

@@ -92,36 +92,26 @@ fn end_to_end_on_tiny_checkpoint_batch_1_equals_4() {
     let dir = root().join("models/tiny-qwen2-moe");
     let ck = Checkpoint::open(&dir).unwrap();
     let codec = Codec(tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap());
-    let mut m = QwenMoeForCausalLM::new(
+    let m = QwenMoeForCausalLM::new(
         &ck.config,
         ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
     )
     .unwrap();
-    let run = |m: &mut QwenMoeForCausalLM, bs: usize| {
+    let run = |m: &QwenMoeForCausalLM, bs: usize| {
         let opts = EvalOptions {
             num_fewshot: 3,
             batch_size: bs,
             max_new_tokens: 24,
             eos: ck.eos_token_ids.clone(),
-            pad_id: 151643,
             model_name: "tiny".into(),
         };
         let mut calls = 0;
-        let r = evaluate(
-            m,
-            &codec,
-            &train,
-            &test[..5],
-            &opts,
-            &Device::Cpu,
-            &mut |_, _| calls += 1,
-        )
-        .unwrap();
+        let r = evaluate(m, &codec, &train, &test[..5], &opts, &mut |_, _| calls += 1).unwrap();
         assert_eq!(calls, 5usize.div_ceil(bs));
         r
     };
-    let r1 = run(&mut m, 1);
-    let r4 = run(&mut m, 4);
+    let r1 = run(&m, 1);
+    let r4 = run(&m, 4);
     let v = serde_json::to_value(&r4).unwrap();
     for k in [
         "model",
@@ -179,39 +169,26 @@ fn end_to_end_with_fp8_experts_batch_1_equals_3() {
         ..Default::default()
     };
     let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
-    let mut m = QwenMoeForCausalLM::new_with_options(&ck.config, vb, &opts).unwrap();
+    let m = QwenMoeForCausalLM::new_with_options(&ck.config, vb, &opts).unwrap();
     let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
-    let mut float = QwenMoeForCausalLM::new(&ck.config, vb).unwrap();
-    let run = |m: &mut QwenMoeForCausalLM, bs: usize| {
+    let float = QwenMoeForCausalLM::new(&ck.config, vb).unwrap();
+    let run = |m: &QwenMoeForCausalLM, bs: usize| {
         let opts = EvalOptions {
             num_fewshot: 2,
             batch_size: bs,
             max_new_tokens: 16,
             eos: ck.eos_token_ids.clone(),
-            pad_id: 151643,
             model_name: "tiny-fp8".into(),
         };
-        evaluate(
-            m,
-            &codec,
-            &train,
-            &test[..3],
-            &opts,
-            &Device::Cpu,
-            &mut |_, _| {},
-        )
-        .unwrap()
-        .per_question
-        .into_iter()
-        .map(|q| q.generated)
-        .collect::<Vec<_>>()
+        evaluate(m, &codec, &train, &test[..3], &opts, &mut |_, _| {})
+            .unwrap()
+            .per_question
+            .into_iter()
+            .map(|q| q.generated)
+            .collect::<Vec<_>>()
     };
-    let g1 = run(&mut m, 1);
-    assert_eq!(
-        g1,
-        run(&mut m, 3),
-        "batch size 3 must give the batch-1 results"
-    );
+    let g1 = run(&m, 1);
+    assert_eq!(g1, run(&m, 3), "batch size 3 must give the batch-1 results");
     assert!(g1.iter().any(|g| !g.is_empty()));
     // it ran on FP8 experts: one byte per weight plus block scales, against
     // the float model's f32 experts
@@ -223,6 +200,6 @@ fn end_to_end_with_fp8_experts_batch_1_equals_3() {
         q * 4 >= f && q * 4 < f * 11 / 10,
         "fp8 {q} bytes vs f32 {f}"
     );
-    let gf = run(&mut float, 1);
+    let gf = run(&float, 1);
     eprintln!("fp8: {g1:?}\nfloat: {gf:?}");
 }

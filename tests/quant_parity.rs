@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
 use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
 use candle_moe::quant::QuantScheme;
-use candle_moe_models::{Checkpoint, LoadOptions, QwenMoeForCausalLM};
+use candle_moe_models::{Checkpoint, LoadOptions, Logits, QwenMoeForCausalLM, Session};
 use common::{argmax, expected_cases, fixture};
 use std::path::PathBuf;
 
@@ -45,15 +45,12 @@ fn rel_err(got: &[f32], want: &[f32]) -> f32 {
 /// Prompt logits at every position within `tol`, then greedy tokens through
 /// the KV cache equal to the reference's until its top-2 margin gets below
 /// the logit error this tolerance allows.
-fn check_model(m: &mut QwenMoeForCausalLM, expected: PathBuf, tol: f32, ctx: &str) -> f32 {
+fn check_model(m: &QwenMoeForCausalLM, expected: PathBuf, tol: f32, ctx: &str) -> f32 {
     let mut worst = 0f32;
+    let mut judged = 0;
     for (ci, c) in expected_cases(&expected).iter().enumerate() {
-        m.clear_kv_cache();
-        let x = Tensor::new(c.prompt.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = m.forward(&x, false).unwrap().squeeze(0).unwrap();
+        let mut s = Session::new(m, 1, c.prompt.len() + c.generated.len()).unwrap();
+        let logits = s.step(&[&c.prompt], Logits::All).unwrap();
         let rows = logits.to_vec2::<f32>().unwrap();
         assert_eq!(rows.len(), c.logits.len());
         for (p, (g, w)) in rows.iter().zip(&c.logits).enumerate() {
@@ -76,11 +73,19 @@ fn check_model(m: &mut QwenMoeForCausalLM, expected: PathBuf, tol: f32, ctx: &st
                 break; // a near tie: either token is right within the tolerance
             }
             assert_eq!(next, want, "{ctx} case {ci}: greedy token {step}");
-            let x = Tensor::new(&[[next]], &Device::Cpu).unwrap();
-            let l = m.forward(&x, true).unwrap().flatten_all().unwrap();
+            judged += 1;
+            let l = s
+                .step(&[&[next]], Logits::Last)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
             next = argmax(&l.to_vec1::<f32>().unwrap());
         }
     }
+    assert!(
+        judged >= 16,
+        "{ctx}: only {judged} decisive greedy tokens judged"
+    );
     worst
 }
 
@@ -92,9 +97,9 @@ const MXFP4_TOL: f32 = 1e-4;
 
 #[test]
 fn fp8_block_compressed_tensors_matches_llm_compressor() {
-    let mut m = load("qwen3_moe_fp8_block", None);
+    let m = load("qwen3_moe_fp8_block", None);
     let expected = dir("qwen3_moe_fp8_block").join("expected.json");
-    let e = check_model(&mut m, expected.clone(), FP8_TOL, "fp8 block");
+    let e = check_model(&m, expected.clone(), FP8_TOL, "fp8 block");
     eprintln!("fp8 block (compressed-tensors): worst rel err {e:.2e}");
 
     // W8A16 on the same weights is visibly off the W8A8 reference (~8e-2 on
@@ -104,16 +109,11 @@ fn fp8_block_compressed_tensors_matches_llm_compressor() {
         candle_moe::quant::Fp8Strategy::Block(128, 128),
         None,
     ));
-    let mut m = load("qwen3_moe_fp8_block", Some(w8a16));
+    let m = load("qwen3_moe_fp8_block", Some(w8a16));
     let c = &expected_cases(&expected)[0];
-    let x = Tensor::new(c.prompt.as_slice(), &Device::Cpu)
+    let rows = Session::new(&m, 1, c.prompt.len())
         .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let rows = m
-        .forward(&x, false)
-        .unwrap()
-        .squeeze(0)
+        .step(&[&c.prompt], Logits::All)
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
@@ -128,9 +128,9 @@ fn fp8_block_compressed_tensors_matches_llm_compressor() {
 
 #[test]
 fn fp8_qwen3_native_layout_matches_llm_compressor() {
-    let mut m = load("qwen3_moe_fp8_native", None);
+    let m = load("qwen3_moe_fp8_native", None);
     let e = check_model(
-        &mut m,
+        &m,
         dir("qwen3_moe_fp8_native").join("expected.json"),
         FP8_TOL,
         "fp8 native",
@@ -140,9 +140,9 @@ fn fp8_qwen3_native_layout_matches_llm_compressor() {
 
 #[test]
 fn mxfp4_compressed_tensors_matches_llm_compressor() {
-    let mut m = load("qwen2_moe_mxfp4", None);
+    let m = load("qwen2_moe_mxfp4", None);
     let e = check_model(
-        &mut m,
+        &m,
         dir("qwen2_moe_mxfp4").join("expected.json"),
         MXFP4_TOL,
         "mxfp4",
@@ -153,12 +153,12 @@ fn mxfp4_compressed_tensors_matches_llm_compressor() {
 #[test]
 fn on_load_fp8_matches_llm_compressor_experts_only() {
     let base = dir("qwen3_moe_base_f32");
-    let mut m = load(
+    let m = load(
         "qwen3_moe_base_f32",
         Some(QuantScheme::on_load("fp8").unwrap()),
     );
     let e = check_model(
-        &mut m,
+        &m,
         base.join("expected_onload_fp8.json"),
         FP8_TOL,
         "on-load fp8",
@@ -169,12 +169,12 @@ fn on_load_fp8_matches_llm_compressor_experts_only() {
 #[test]
 fn on_load_mxfp4_matches_llm_compressor_experts_only() {
     let base = dir("qwen3_moe_base_f32");
-    let mut m = load(
+    let m = load(
         "qwen3_moe_base_f32",
         Some(QuantScheme::on_load("mxfp4").unwrap()),
     );
     let e = check_model(
-        &mut m,
+        &m,
         base.join("expected_onload_mxfp4.json"),
         MXFP4_TOL,
         "on-load mxfp4",

@@ -17,6 +17,12 @@ pub enum ModelError {
         msg: String,
     },
 
+    #[error("kv cache full: {needed} more blocks needed, {free} free")]
+    CacheFull { needed: usize, free: usize },
+
+    #[error("{0}")]
+    Input(String),
+
     #[error(transparent)]
     Moe(#[from] candle_moe::MoeError),
 

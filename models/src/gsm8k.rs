@@ -5,8 +5,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::generation::generate_batch_greedy_until;
-use crate::qwen_moe::QwenMoeForCausalLM;
-use candle_core::Device;
+use crate::model::CausalLm;
 use std::path::Path;
 use std::time::Instant;
 
@@ -124,19 +123,17 @@ pub struct EvalOptions {
     pub batch_size: usize,
     pub max_new_tokens: usize,
     pub eos: Vec<u32>,
-    pub pad_id: u32,
     pub model_name: String,
 }
 
 /// Runs the evaluation over `test` with shots from `train`; `progress(done,
 /// total)` is called after every batch.
 pub fn evaluate(
-    model: &mut QwenMoeForCausalLM,
+    model: &dyn CausalLm,
     codec: &dyn TextCodec,
     train: &[Problem],
     test: &[Problem],
     opts: &EvalOptions,
-    device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Report> {
     if opts.num_fewshot > train.len() {
@@ -170,8 +167,6 @@ pub fn evaluate(
             &prompts,
             opts.max_new_tokens,
             &opts.eos,
-            opts.pad_id,
-            device,
             &mut stop,
         )?;
         for (j, (p, ids)) in chunk.iter().zip(outs).enumerate() {

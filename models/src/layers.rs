@@ -1,9 +1,10 @@
-//! Blocks shared by the Qwen-MoE decoders: rotary embedding, attention with a
-//! KV cache (GQA, optional q/k/v bias, optional per-head q/k RMSNorm) and the
-//! dense gated MLP.
+//! Blocks shared by the Qwen-MoE decoders: rotary embedding, attention over
+//! the block KV cache (GQA, optional q/k/v bias, optional per-head q/k
+//! RMSNorm) and the dense gated MLP.
 
 use crate::config::QwenMoeConfig;
 use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_moe::ops::{paged_attention, write_kv, PagedAttentionMeta};
 use candle_moe::quant::{qlinear, QLinear, QuantScheme};
 use candle_nn::{rms_norm, RmsNorm, VarBuilder};
 
@@ -32,16 +33,19 @@ impl RotaryEmbedding {
         })
     }
 
-    /// Rotates `q`, `k` (`[B, heads, L, D]`) at `positions` (`[B, L]` U32).
-    pub fn apply(&self, q: &Tensor, k: &Tensor, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, l) = positions.dims2()?;
-        let flat = positions.flatten_all()?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((b, l, ()))?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((b, l, ()))?;
-        let q = candle_nn::rotary_emb::rope(&q.contiguous()?, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.contiguous()?, &cos, &sin)?;
-        Ok((q, k))
+    /// The (cos, sin) rows `[T, D/2]` of `positions` (`[T]` U32), gathered
+    /// once per forward for every layer.
+    pub fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
     }
+}
+
+/// Rotates `x` (`[T, heads, D]`) by the rows `cs` of [`RotaryEmbedding::at`].
+fn rope(x: &Tensor, cs: &(Tensor, Tensor)) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cs.0, &cs.1)?.squeeze(0)
 }
 
 #[derive(Clone, Debug)]
@@ -55,7 +59,6 @@ pub struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    cache: Option<(Tensor, Tensor)>,
 }
 
 impl Attention {
@@ -86,27 +89,23 @@ impl Attention {
             heads: nh,
             kv_heads: nkv,
             head_dim: d,
-            cache: None,
         })
     }
 
-    pub fn clear_cache(&mut self) {
-        self.cache = None;
-    }
-
-    /// `x` `[B, L, H]`; `mask` additive `[B, 1, L, S]` (None = no masking needed).
+    /// `x` `[T, H]`, the batch's new tokens; writes their K/V into this
+    /// layer's `cache` and attends over it.
     pub fn forward(
-        &mut self,
+        &self,
         x: &Tensor,
-        rope: &RotaryEmbedding,
-        positions: &Tensor,
-        mask: Option<&Tensor>,
+        rope_cs: &(Tensor, Tensor),
+        cache: &(Tensor, Tensor),
+        meta: &PagedAttentionMeta,
     ) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
+        let t = x.dim(0)?;
         let d = self.head_dim;
-        let q = self.q_proj.forward(x)?.reshape((b, l, self.heads, d))?;
-        let k = self.k_proj.forward(x)?.reshape((b, l, self.kv_heads, d))?;
-        let v = self.v_proj.forward(x)?.reshape((b, l, self.kv_heads, d))?;
+        let q = self.q_proj.forward(x)?.reshape((t, self.heads, d))?;
+        let k = self.k_proj.forward(x)?.reshape((t, self.kv_heads, d))?;
+        let v = self.v_proj.forward(x)?.reshape((t, self.kv_heads, d))?;
         let q = match &self.q_norm {
             Some(n) => n.forward(&q)?,
             None => q,
@@ -115,39 +114,11 @@ impl Attention {
             Some(n) => n.forward(&k)?,
             None => k,
         };
-        let q = q.transpose(1, 2)?;
-        let k = k.transpose(1, 2)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let (q, k) = rope.apply(&q, &k, positions)?;
-        let (k, v) = match &self.cache {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-        };
-        self.cache = Some((k.clone(), v.clone()));
-        let dt = x.dtype();
-        // attention math in f32
-        let rep = self.heads / self.kv_heads;
-        let expand = |t: &Tensor| -> Result<Tensor> {
-            let t = t.to_dtype(DType::F32)?;
-            if rep == 1 {
-                return Ok(t);
-            }
-            let (b, kvh, s, d) = t.dims4()?;
-            t.unsqueeze(2)?
-                .expand((b, kvh, rep, s, d))?
-                .reshape((b, kvh * rep, s, d))
-        };
-        let (k, v) = (expand(&k)?, expand(&v)?);
-        let q = q.to_dtype(DType::F32)?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let p = candle_nn::ops::softmax_last_dim(&scores)?;
-        let o = p.matmul(&v.contiguous()?)?.to_dtype(dt)?;
-        let o = o.transpose(1, 2)?.reshape((b, l, self.heads * d))?;
-        self.o_proj.forward(&o)
+        let q = rope(&q, rope_cs)?;
+        let k = rope(&k, rope_cs)?;
+        write_kv(&cache.0, &cache.1, &k, &v, meta)?;
+        let o = paged_attention(&q, &cache.0, &cache.1, meta, 1.0 / (d as f32).sqrt())?;
+        self.o_proj.forward(&o.reshape((t, self.heads * d))?)
     }
 }
 
@@ -179,52 +150,4 @@ impl Module for DenseMlp {
         let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
     }
-}
-
-/// Additive mask `[B, 1, L, offset + L]`: causal, and key positions inside
-/// each row's left padding masked out.
-pub fn attention_mask(
-    b: usize,
-    l: usize,
-    offset: usize,
-    left_pad: &[usize],
-    dev: &Device,
-) -> Result<Tensor> {
-    let s = offset + l;
-    let mut m = vec![0f32; b * l * s];
-    for bi in 0..b {
-        let pad = left_pad.get(bi).copied().unwrap_or(0);
-        for i in 0..l {
-            for j in 0..s {
-                if j > offset + i || j < pad {
-                    // finite, as HF does: a row that sees only padding stays NaN-free
-                    m[(bi * l + i) * s + j] = f32::MIN;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(m, (b, 1, l, s), dev)
-}
-
-/// Position ids `[B, L]`: `offset + i - pad[b]`, 0 inside the padding.
-pub fn positions(
-    b: usize,
-    l: usize,
-    offset: usize,
-    left_pad: &[usize],
-    dev: &Device,
-) -> Result<Tensor> {
-    let mut p = Vec::with_capacity(b * l);
-    for bi in 0..b {
-        let pad = left_pad.get(bi).copied().unwrap_or(0);
-        for i in 0..l {
-            p.push((offset + i).saturating_sub(pad) as u32);
-        }
-    }
-    Tensor::from_vec(p, (b, l), dev)
-}
-
-pub(crate) fn last_position(x: &Tensor) -> Result<Tensor> {
-    let l = x.dim(1)?;
-    x.narrow(1, l - 1, 1)
 }

@@ -21,7 +21,9 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod gsm8k;
+pub mod kv_cache;
 pub mod layers;
+pub mod model;
 pub mod qwen_moe;
 
 pub use checkpoint::Checkpoint;
@@ -29,6 +31,8 @@ pub use config::{Arch, QwenMoeConfig};
 pub use error::{ModelError, Result};
 pub use generation::{
     generate, generate_batch_greedy, generate_batch_greedy_until, Generation, Sampler,
-    SamplingParams,
+    SamplingParams, Session,
 };
+pub use kv_cache::{BlockTable, KvCache, KvCacheShape};
+pub use model::{CausalLm, Logits, ModelInfo, SeqInput};
 pub use qwen_moe::{LoadOptions, QwenMoeForCausalLM};

@@ -4,31 +4,16 @@
 
 use crate::config::{Arch, QwenMoeConfig};
 use crate::error::{ModelError, Result};
-use crate::layers::{
-    attention_mask, last_position, positions, Attention, DenseMlp, RotaryEmbedding,
-};
+use crate::kv_cache::{KvCache, KvCacheShape};
+use crate::layers::{Attention, DenseMlp, RotaryEmbedding};
+use crate::model::{CausalLm, Logits, ModelInfo, SeqInput};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_moe::dist::{Communicator, NaiveEpPrepareAndFinalize};
+use candle_moe::ops::{PagedAttentionMeta, SeqSpan};
 use candle_moe::quant::{qlinear, QLinear, QuantScheme};
 use candle_moe::{Activation, EpConfig, FusedMoeConfig, SparseMoeBlock};
-use candle_nn::{embedding, rms_norm, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
-/// The output projection: the embeddings (tied) or its own, possibly
-/// quantized, weight.
-#[derive(Clone, Debug)]
-enum QLinearOrTied {
-    Tied(Linear),
-    Own(QLinear),
-}
-
-impl Module for QLinearOrTied {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Tied(l) => l.forward(x),
-            Self::Own(l) => l.forward(x),
-        }
-    }
-}
 use std::sync::Arc;
 
 #[derive(Clone, Debug)]
@@ -120,15 +105,15 @@ impl DecoderLayer {
     }
 
     fn forward(
-        &mut self,
+        &self,
         x: &Tensor,
-        rope: &RotaryEmbedding,
-        pos: &Tensor,
-        mask: Option<&Tensor>,
+        rope_cs: &(Tensor, Tensor),
+        cache: &(Tensor, Tensor),
+        meta: &PagedAttentionMeta,
     ) -> candle_core::Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, pos, mask)?;
+            .forward(&self.input_layernorm.forward(x)?, rope_cs, cache, meta)?;
         let x = (x + h)?;
         let y = self.post_attention_layernorm.forward(&x)?;
         let y = match &self.mlp {
@@ -139,18 +124,17 @@ impl DecoderLayer {
     }
 }
 
-/// A Qwen-MoE causal LM with a KV cache. Sequences of one batch share a
-/// length; shorter prompts are left-padded and their padding masked.
+/// A Qwen-MoE causal LM ([`CausalLm`]: one forward over a flat batch of
+/// tokens from many sequences, over a block KV cache).
 #[derive(Clone, Debug)]
 pub struct QwenMoeForCausalLM {
     cfg: QwenMoeConfig,
+    info: ModelInfo,
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: QLinearOrTied,
+    lm_head: QLinear,
     rope: RotaryEmbedding,
-    left_pad: Vec<usize>,
-    seqlen_offset: usize,
     device: Device,
 }
 
@@ -213,26 +197,30 @@ impl QwenMoeForCausalLM {
             .map(|i| DecoderLayer::new(cfg, &moe, opts, i, m.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
-            QLinearOrTied::Tied(Linear::new(embed_tokens.embeddings().clone(), None))
+            QLinear::new(embed_tokens.embeddings().clone(), None)
         } else {
             let q = moe.quant.as_ref().filter(|q| !q.is_on_load());
-            QLinearOrTied::Own(qlinear(
-                cfg.hidden_size,
-                cfg.vocab_size,
-                false,
-                &vb.pp("lm_head"),
-                q,
-            )?)
+            qlinear(cfg.hidden_size, cfg.vocab_size, false, &vb.pp("lm_head"), q)?
+        };
+        let info = ModelInfo {
+            vocab_size: cfg.vocab_size,
+            max_position_embeddings: cfg.max_position_embeddings,
+            kv: KvCacheShape {
+                num_layers: cfg.num_hidden_layers,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            },
+            dtype: vb.dtype(),
+            eos_token_ids: cfg.eos_token_ids.clone(),
         };
         Ok(Self {
             cfg: cfg.clone(),
+            info,
             norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
             rope: RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?,
             embed_tokens,
             layers,
             lm_head,
-            left_pad: vec![],
-            seqlen_offset: 0,
             device: vb.device().clone(),
         })
     }
@@ -255,59 +243,85 @@ impl QwenMoeForCausalLM {
     pub fn config(&self) -> &QwenMoeConfig {
         &self.cfg
     }
+}
 
-    /// Forgets the KV cache; the next `forward` starts new sequences.
-    pub fn clear_kv_cache(&mut self) {
-        self.layers
-            .iter_mut()
-            .for_each(|l| l.self_attn.clear_cache());
-        self.left_pad.clear();
-        self.seqlen_offset = 0;
+impl CausalLm for QwenMoeForCausalLM {
+    fn info(&self) -> &ModelInfo {
+        &self.info
     }
 
-    /// Starts a batch whose row `b` has `left_pad[b]` padding tokens in front.
-    pub fn start_batch(&mut self, left_pad: &[usize]) {
-        self.clear_kv_cache();
-        self.left_pad = left_pad.to_vec();
+    fn device(&self) -> &Device {
+        &self.device
     }
 
-    pub fn seqlen_offset(&self) -> usize {
-        self.seqlen_offset
-    }
-
-    /// Feeds `input_ids` (`[B, L]` U32) after what the cache holds; returns
-    /// F32 logits `[B, L, V]`, or `[B, 1, V]` for the last position only.
-    pub fn forward(&mut self, input_ids: &Tensor, last_only: bool) -> Result<Tensor> {
-        let (b, l) = input_ids.dims2()?;
-        if l == 0 {
-            return Err(ModelError::Candle(candle_core::Error::Msg(
-                "empty input".into(),
+    fn forward(&self, seqs: &[SeqInput<'_>], cache: &mut KvCache) -> Result<Tensor> {
+        if cache.shape() != self.info.kv {
+            return Err(ModelError::Input(format!(
+                "kv cache shaped {:?}, the model needs {:?}",
+                cache.shape(),
+                self.info.kv
             )));
         }
-        let offset = self.seqlen_offset;
-        if offset + l > self.cfg.max_position_embeddings {
-            return Err(ModelError::Config(format!(
-                "sequence length {} exceeds max_position_embeddings {}",
-                offset + l,
-                self.cfg.max_position_embeddings
-            )));
+        let mut ids = Vec::new();
+        let mut rows = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter().enumerate() {
+            let start = s.table.len();
+            let end = start + s.tokens.len();
+            if end > self.cfg.max_position_embeddings {
+                return Err(ModelError::Input(format!(
+                    "sequence {i}: length {end} exceeds max_position_embeddings {}",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+            if let Some(&t) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(ModelError::Input(format!(
+                    "sequence {i}: token id {t} is outside the vocabulary ({})",
+                    self.cfg.vocab_size
+                )));
+            }
+            let first = ids.len() as u32;
+            ids.extend_from_slice(s.tokens);
+            match s.logits {
+                Logits::None => {}
+                Logits::Last if !s.tokens.is_empty() => rows.push(ids.len() as u32 - 1),
+                Logits::Last => {}
+                Logits::All => rows.extend(first..ids.len() as u32),
+            }
+            spans.push(SeqSpan {
+                start,
+                len: s.tokens.len(),
+                blocks: s.table.blocks(),
+            });
         }
-        if self.left_pad.len() != b {
-            self.left_pad.resize(b, 0);
+        let vocab = self.cfg.vocab_size;
+        if ids.is_empty() {
+            return Ok(Tensor::zeros((0, vocab), DType::F32, &self.device)?);
         }
-        let pos = positions(b, l, offset, &self.left_pad, &self.device)?;
-        let needs_mask = l > 1 || self.left_pad.iter().any(|&p| p > 0);
-        let mask = if needs_mask {
-            Some(attention_mask(b, l, offset, &self.left_pad, &self.device)?)
+        let meta = PagedAttentionMeta::new(cache.block_size(), cache.num_blocks(), &spans)?;
+        let pos = Tensor::new(meta.positions(), &self.device)?;
+        let rope_cs = self.rope.at(&pos)?;
+        let mut x = self
+            .embed_tokens
+            .forward(&Tensor::new(ids.as_slice(), &self.device)?)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let Some(kv) = cache.layer(i) else {
+                return Err(ModelError::Input(format!("kv cache has no layer {i}")));
+            };
+            x = layer.forward(&x, &rope_cs, kv, &meta)?;
+        }
+        if rows.is_empty() {
+            return Ok(Tensor::zeros((0, vocab), DType::F32, &self.device)?);
+        }
+        let x = if rows.len() == ids.len() {
+            x
         } else {
-            None
+            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
         };
-        let mut x = self.embed_tokens.forward(input_ids)?;
-        for layer in self.layers.iter_mut() {
-            x = layer.forward(&x, &self.rope, &pos, mask.as_ref())?;
-        }
-        self.seqlen_offset += l;
-        let x = if last_only { last_position(&x)? } else { x };
         let x = self.norm.forward(&x)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }

@@ -281,50 +281,7 @@ impl GroupedGemm {
         let Storage::Cpu(sc) = &*st.0 else {
             bail!("grouped gemm: weight scales must be on the cpu like the weights")
         };
-        let mats: Vec<QMat<'_>> = match quant {
-            WeightQuant::Fp8 { block, .. } => {
-                let (bn, bk) = *block;
-                let scales = contiguous::<f32>(sc, st.1, "fp8 weight scales")?;
-                let per = n.div_ceil(bn.max(1)) * k.div_ceil(bk.max(1));
-                if scales.len() != e_local * per || w.len() != e_local * n * k {
-                    bail!(
-                        "grouped gemm: fp8 weights ({} bytes) / scales ({}) do not fit [{e_local}, {n}, {k}] with block {bn}x{bk}",
-                        w.len(),
-                        scales.len()
-                    )
-                }
-                (0..e_local)
-                    .map(|e| QMat::Fp8 {
-                        q: &w[e * n * k..(e + 1) * n * k],
-                        scales: &scales[e * per..(e + 1) * per],
-                        k,
-                        bn,
-                        bk,
-                    })
-                    .collect()
-            }
-            WeightQuant::Mxfp4 { .. } => {
-                let scales = contiguous::<u8>(sc, st.1, "mxfp4 weight scales")?;
-                let (pw, ps) = (n * k / 2, n * k / MX_GROUP);
-                if scales.len() != e_local * ps || w.len() != e_local * pw {
-                    bail!(
-                        "grouped gemm: mxfp4 weights ({} bytes) / scales ({}) do not fit [{e_local}, {n}, {k}]",
-                        w.len(),
-                        scales.len()
-                    )
-                }
-                (0..e_local)
-                    .map(|e| QMat::Mxfp4 {
-                        q: &w[e * pw..(e + 1) * pw],
-                        scales: &scales[e * ps..(e + 1) * ps],
-                        k,
-                    })
-                    .collect()
-            }
-        };
-        if let Some(m) = mats.first() {
-            check_qmat(m, n).map_err(|e| candle_core::Error::Msg(format!("grouped gemm: {e}")))?;
-        }
+        let mats = quant_mats(quant, sc, st.1, w, e_local, n, k)?;
         let row_bytes = mats.first().map_or(k, |m| m.row_bytes());
         self.run_tiles(a, k, n, e_local, row_bytes, buf, &|e, ap, n0, n1, cp| {
             // SAFETY: see run_tiles; every expert matrix passed check_qmat
@@ -340,6 +297,79 @@ impl GroupedGemm {
             }
         })
     }
+}
+
+/// The packed bytes of FP8 (U8 or F8E4M3) or MXFP4 (U8) weight storage.
+pub(crate) fn packed_bytes<'a>(sw: &'a CpuStorage, lw: &Layout) -> Result<&'a [u8]> {
+    Ok(match sw {
+        CpuStorage::U8(_) => contiguous::<u8>(sw, lw, "weights")?,
+        CpuStorage::F8E4M3(_) => {
+            let v = contiguous::<float8::F8E4M3>(sw, lw, "weights")?;
+            // SAFETY: F8E4M3 is a repr(transparent) u8
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len()) }
+        }
+        _ => bail!(
+            "quantized weights must be U8 or F8E4M3, got {:?}",
+            sw.dtype()
+        ),
+    })
+}
+
+/// One checked [`QMat`] per expert of packed weights `w` (`e_local` × `[n, k]`).
+pub(crate) fn quant_mats<'a>(
+    quant: &WeightQuant,
+    sc: &'a CpuStorage,
+    sl: &Layout,
+    w: &'a [u8],
+    e_local: usize,
+    n: usize,
+    k: usize,
+) -> Result<Vec<QMat<'a>>> {
+    let mats: Vec<QMat<'a>> = match quant {
+        WeightQuant::Fp8 { block, .. } => {
+            let (bn, bk) = *block;
+            let scales = contiguous::<f32>(sc, sl, "fp8 weight scales")?;
+            let per = n.div_ceil(bn.max(1)) * k.div_ceil(bk.max(1));
+            if scales.len() != e_local * per || w.len() != e_local * n * k {
+                bail!(
+                    "fp8 weights ({} bytes) / scales ({}) do not fit [{e_local}, {n}, {k}] with block {bn}x{bk}",
+                    w.len(),
+                    scales.len()
+                )
+            }
+            (0..e_local)
+                .map(|e| QMat::Fp8 {
+                    q: &w[e * n * k..(e + 1) * n * k],
+                    scales: &scales[e * per..(e + 1) * per],
+                    k,
+                    bn,
+                    bk,
+                })
+                .collect()
+        }
+        WeightQuant::Mxfp4 { .. } => {
+            let scales = contiguous::<u8>(sc, sl, "mxfp4 weight scales")?;
+            let (pw, ps) = (n * k / 2, n * k / MX_GROUP);
+            if scales.len() != e_local * ps || w.len() != e_local * pw {
+                bail!(
+                    "mxfp4 weights ({} bytes) / scales ({}) do not fit [{e_local}, {n}, {k}]",
+                    w.len(),
+                    scales.len()
+                )
+            }
+            (0..e_local)
+                .map(|e| QMat::Mxfp4 {
+                    q: &w[e * pw..(e + 1) * pw],
+                    scales: &scales[e * ps..(e + 1) * ps],
+                    k,
+                })
+                .collect()
+        }
+    };
+    if let Some(m) = mats.first() {
+        check_qmat(m, n).map_err(|e| candle_core::Error::Msg(format!("quantized gemm: {e}")))?;
+    }
+    Ok(mats)
 }
 
 impl CustomOp3 for GroupedGemm {
@@ -378,18 +408,7 @@ impl CustomOp3 for GroupedGemm {
         }
         let buf = contiguous::<u32>(sr, lr, "routing")?;
         if self.args.quant.is_some() {
-            let w: &[u8] = match sw {
-                CpuStorage::U8(_) => contiguous::<u8>(sw, lw, "weights")?,
-                CpuStorage::F8E4M3(_) => {
-                    let v = contiguous::<float8::F8E4M3>(sw, lw, "weights")?;
-                    // SAFETY: F8E4M3 is a repr(transparent) u8
-                    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len()) }
-                }
-                _ => bail!(
-                    "grouped gemm: quantized weights must be U8 or F8E4M3, got {:?}",
-                    sw.dtype()
-                ),
-            };
+            let w = packed_bytes(sw, lw)?;
             let out = self.run_quant(&a, k, w, (e_local, n), buf)?;
             return Ok((CpuStorage::F32(out), Shape::from((self.layout.numel, n))));
         }

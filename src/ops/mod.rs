@@ -5,18 +5,22 @@
 pub mod act_quant;
 pub mod activation;
 pub mod align;
+pub mod attention;
 pub mod gemm_cpu;
 pub mod gemm_cuda;
 pub mod gemm_quant_cpu;
 pub mod grouped_gemm;
+pub mod linear;
 pub mod reduce;
 pub mod topk;
 
 pub use act_quant::fp8_group_quant_dequant;
 pub use activation::{act_and_mul, Activation};
 pub use align::{moe_align_block_size, AlignedRouting};
+pub use attention::{paged_attention, write_kv, PagedAttentionMeta, SeqSpan};
 pub use gemm_cuda::{align_block_size, CudaGemmKernel};
 pub use grouped_gemm::{grouped_gemm, GroupedGemmArgs, WeightQuant};
+pub use linear::{linear, LinearArgs};
 pub use reduce::moe_weighted_sum;
 pub use topk::{router_weights, topk_select, ScoringFunc};
 

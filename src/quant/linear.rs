@@ -1,97 +1,61 @@
-//! Linear layers of quantized checkpoints outside the experts (attention,
-//! dense and shared MLPs). FP8 and MXFP4 weights stay packed, as in the
-//! experts: the layer is run as a one-expert grouped GEMM (every row routed
-//! to expert 0), so the same kernels read the bytes and FP8 W8A8 schemes
-//! quantize the input per token group, as the checkpoint's runtime does.
+//! Linear layers outside the experts (attention, dense and shared MLPs, the
+//! output head). Weights stay as stored — f32 / bf16 / f16, or FP8 and MXFP4
+//! packed as in the experts — and run through the dense linear op, so the
+//! same kernels read the bytes and FP8 W8A8 schemes quantize the input per
+//! token group, as the checkpoint's runtime does.
 
 use super::loading::{full_name, get_dtype};
 use super::mxfp4_codec::MX_GROUP;
 use super::{Mxfp4, QuantScheme};
 use crate::error::{MoeError, Result};
 use crate::modular::ActQuant;
-use crate::ops::{
-    align_block_size, grouped_gemm, moe_align_block_size, CudaGemmKernel, GroupedGemmArgs,
-    WeightQuant,
-};
+use crate::ops::{linear, LinearArgs, WeightQuant};
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-#[derive(Clone, Debug)]
-enum Inner {
-    Float(Linear),
-    Packed {
-        /// `[1, out, in]` e4m3 bytes or `[1, out, in/2]` packed e2m1.
-        w: Tensor,
-        quant: WeightQuant,
-        /// `[1, out]` f32.
-        bias: Option<Tensor>,
-        act: Option<ActQuant>,
-        out_dim: usize,
-    },
-}
-
+/// A linear layer whose weight stays in its stored format (f32 / bf16 /
+/// f16, FP8, MXFP4) and runs through [`crate::ops::linear`].
 #[derive(Clone, Debug)]
 pub struct QLinear {
-    inner: Inner,
+    /// `[out, in]`, or packed bytes `[out, in]` (FP8) / `[out, in/2]` (MXFP4).
+    w: Tensor,
+    args: LinearArgs,
 }
 
 impl QLinear {
+    /// A float linear over `w` (`[out, in]`) and an optional `[out]` bias.
+    pub fn new(w: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            w,
+            args: LinearArgs {
+                bias,
+                ..Default::default()
+            },
+        }
+    }
+
     /// Whether the weights are held packed (FP8 / MXFP4).
     pub fn is_quantized(&self) -> bool {
-        matches!(self.inner, Inner::Packed { .. })
+        self.args.quant.is_some()
+    }
+
+    /// The weight as held (packed bytes for FP8 / MXFP4).
+    pub fn weight(&self) -> &Tensor {
+        &self.w
     }
 
     /// Bytes of weights (and scales) held.
     pub fn weight_bytes(&self) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        match &self.inner {
-            Inner::Float(l) => b(l.weight()) + l.bias().map_or(0, b),
-            Inner::Packed { w, quant, bias, .. } => {
-                b(w) + b(quant.scales()) + bias.as_ref().map_or(0, b)
-            }
-        }
+        b(&self.w)
+            + self.args.quant.as_ref().map_or(0, |q| b(q.scales()))
+            + self.args.bias.as_ref().map_or(0, b)
     }
 }
 
 impl Module for QLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.inner {
-            Inner::Float(l) => l.forward(x),
-            Inner::Packed {
-                w,
-                quant,
-                bias,
-                act,
-                out_dim,
-            } => {
-                let dims = x.dims();
-                let Some((&in_dim, lead)) = dims.split_last() else {
-                    candle_core::bail!("linear: scalar input")
-                };
-                let rows: usize = lead.iter().product();
-                let a = x.reshape((rows, in_dim))?.contiguous()?;
-                // every row to the one expert
-                let ids = Tensor::zeros((rows, 1), DType::U32, x.device())?;
-                let bs = align_block_size(x.device(), rows, 1, 1);
-                let routing = moe_align_block_size(&ids, bs, 1, 1, None)?;
-                let y = grouped_gemm(
-                    &a,
-                    w,
-                    &routing,
-                    GroupedGemmArgs {
-                        row_div: 1,
-                        bias: bias.clone(),
-                        topk_weights: None,
-                        quant: Some(quant.clone()),
-                        act_quant_group: act.map(|ActQuant::Fp8PerTokenGroup { group }| group),
-                        kernel: CudaGemmKernel::Auto,
-                    },
-                )?;
-                let mut shape = lead.to_vec();
-                shape.push(*out_dim);
-                y.to_dtype(x.dtype())?.reshape(shape)
-            }
-        }
+        linear(x, &self.w, &self.args)
     }
 }
 
@@ -107,12 +71,8 @@ pub fn qlinear(
     let dt = vb.dtype();
     let dev = vb.device();
     let load_bias = || -> Result<Option<Tensor>> {
-        bias.then(|| {
-            get_dtype(vb, &[out_dim], "bias", DType::F32)?
-                .reshape((1, out_dim))
-                .map_err(Into::into)
-        })
-        .transpose()
+        bias.then(|| get_dtype(vb, &[out_dim], "bias", DType::F32))
+            .transpose()
     };
     let packed = match scheme {
         Some(QuantScheme::Fp8(f)) if !f.on_load && vb.contains_tensor(&f.scale_name) => {
@@ -122,7 +82,7 @@ pub fn qlinear(
             let (bn, bk) = f.strategy.block(out_dim, in_dim);
             let (nb, kb) = (out_dim.div_ceil(bn), in_dim.div_ceil(bk));
             Some((
-                Tensor::from_vec(q, (1, out_dim, in_dim), dev)?,
+                Tensor::from_vec(q, (out_dim, in_dim), dev)?,
                 WeightQuant::Fp8 {
                     scales: Tensor::from_vec(s, (1, nb, kb), dev)?,
                     block: (bn, bk),
@@ -139,7 +99,7 @@ pub fn qlinear(
             }
             let (q, s) = Mxfp4::read_proj(vb, out_dim, in_dim)?;
             Some((
-                Tensor::from_vec(q, (1, out_dim, in_dim / 2), dev)?,
+                Tensor::from_vec(q, (out_dim, in_dim / 2), dev)?,
                 WeightQuant::Mxfp4 {
                     scales: Tensor::from_vec(s, (1, out_dim, in_dim / MX_GROUP), dev)?,
                 },
@@ -148,13 +108,14 @@ pub fn qlinear(
         }
         _ => None,
     };
-    let inner = match packed {
-        Some((w, quant, act)) => Inner::Packed {
+    Ok(match packed {
+        Some((w, quant, act)) => QLinear {
             w,
-            quant,
-            bias: load_bias()?,
-            act,
-            out_dim,
+            args: LinearArgs {
+                bias: load_bias()?,
+                quant: Some(quant),
+                act_quant_group: act.map(|ActQuant::Fp8PerTokenGroup { group }| group),
+            },
         },
         None => {
             let w = get_dtype(vb, &[out_dim, in_dim], "weight", dt)?;
@@ -163,10 +124,9 @@ pub fn qlinear(
             } else {
                 None
             };
-            Inner::Float(Linear::new(w, b))
+            QLinear::new(w, b)
         }
-    };
-    Ok(QLinear { inner })
+    })
 }
 
 #[cfg(test)]
@@ -176,6 +136,7 @@ mod tests {
     use crate::quant::fp8_codec::{e4m3_to_f32, quantize_fp8_block, SourcePrecision};
     use crate::quant::{Fp8, Fp8Strategy};
     use candle_core::Device;
+    use candle_nn::Linear;
     use std::collections::HashMap;
 
     /// An FP8 linear stays packed (1 byte per weight + block scales) and

@@ -1,0 +1,472 @@
+//! Attention over a paged (block) KV cache, for a flat batch of tokens from
+//! many sequences: each token attends causally to its own sequence's cached
+//! keys `0..=pos`, found through the sequence's block table. GQA by index
+//! (query head `h` reads KV head `h / (heads / kv_heads)`), never by repeating
+//! K/V; an online softmax over the blocks, accumulated in f32.
+//!
+//! The cache of one layer is a pair of tensors `[num_blocks · block_size,
+//! kv_heads, head_dim]` (any float dtype); slot `b · block_size + i` holds
+//! position `i` of the block `b`. [`PagedAttentionMeta`] is built once per
+//! forward and validated, so the kernels index the cache without checks.
+//!
+//! CPU: rayon over (token, KV head); the query heads sharing a KV head read
+//! each key and value row once. Other devices: the same math with candle ops
+//! (one sequence at a time).
+
+use super::contiguous;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// One sequence's part of a flat batch.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqSpan<'a> {
+    /// Tokens the cache already holds for this sequence (the position of its
+    /// first new token).
+    pub start: usize,
+    /// New tokens of this sequence in the batch (consecutive in the batch).
+    pub len: usize,
+    /// Physical blocks holding positions `0..start + len`, in order.
+    pub blocks: &'a [u32],
+}
+
+#[derive(Debug)]
+struct MetaInner {
+    block_size: usize,
+    /// Per token: its sequence.
+    token_seq: Vec<u32>,
+    /// Per token: its position in its sequence.
+    token_pos: Vec<u32>,
+    /// Per token: the cache slot its K/V go to.
+    slots: Vec<u32>,
+    /// Block tables, concatenated; sequence `s` is `tables[off[s]..off[s+1]]`.
+    tables: Vec<u32>,
+    table_off: Vec<usize>,
+    num_slots: usize,
+}
+
+/// Where every token of a flat batch sits in the paged cache. Constructed
+/// only by [`PagedAttentionMeta::new`], which checks every block id against
+/// the cache size, so the attention kernels never index out of bounds.
+#[derive(Clone, Debug)]
+pub struct PagedAttentionMeta(Arc<MetaInner>);
+
+impl PagedAttentionMeta {
+    /// `seqs` in batch order (their tokens consecutive); the cache holds
+    /// `num_blocks` blocks of `block_size` slots.
+    pub fn new(block_size: usize, num_blocks: usize, seqs: &[SeqSpan<'_>]) -> Result<Self> {
+        if block_size == 0 {
+            bail!("paged attention: block size must be positive")
+        }
+        let n_tok: usize = seqs.iter().map(|s| s.len).sum();
+        let mut m = MetaInner {
+            block_size,
+            token_seq: Vec::with_capacity(n_tok),
+            token_pos: Vec::with_capacity(n_tok),
+            slots: Vec::with_capacity(n_tok),
+            tables: Vec::new(),
+            table_off: vec![0],
+            num_slots: num_blocks * block_size,
+        };
+        for (si, s) in seqs.iter().enumerate() {
+            let end = s.start + s.len;
+            let need = end.div_ceil(block_size);
+            if s.blocks.len() < need {
+                bail!(
+                    "paged attention: sequence {si} needs {need} blocks for {end} positions, its table has {}",
+                    s.blocks.len()
+                )
+            }
+            if end > u32::MAX as usize {
+                bail!("paged attention: sequence {si} is longer than 2^32 positions")
+            }
+            let table = &s.blocks[..need];
+            if let Some(b) = table.iter().find(|&&b| b as usize >= num_blocks) {
+                bail!("paged attention: sequence {si} names block {b}, the cache has {num_blocks}")
+            }
+            for p in s.start..end {
+                m.token_seq.push(si as u32);
+                m.token_pos.push(p as u32);
+                m.slots
+                    .push(table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+            }
+            m.tables.extend_from_slice(table);
+            m.table_off.push(m.tables.len());
+        }
+        // one writer per slot: a block shared by two rows of the batch, or
+        // named twice in one table, would let two tokens write one slot
+        let mut seen = vec![false; num_blocks];
+        for s in 0..seqs.len() {
+            for &b in &m.tables[m.table_off[s]..m.table_off[s + 1]] {
+                if std::mem::replace(&mut seen[b as usize], true) {
+                    bail!("paged attention: block {b} appears twice in the batch's block tables")
+                }
+            }
+        }
+        Ok(Self(Arc::new(m)))
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.0.slots.len()
+    }
+
+    /// The cache slot of every token, in batch order.
+    pub fn slots(&self) -> &[u32] {
+        &self.0.slots
+    }
+
+    /// The position of every token in its sequence.
+    pub fn positions(&self) -> &[u32] {
+        &self.0.token_pos
+    }
+}
+
+/// Writes `k` and `v` (`[T, kv_heads, head_dim]`) into their tokens' slots of
+/// one layer's cache (`[slots, kv_heads, head_dim]`, same dtype).
+pub fn write_kv(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    meta: &PagedAttentionMeta,
+) -> Result<()> {
+    let (slots, kvh, d) = k_cache.dims3()?;
+    let t = meta.num_tokens();
+    if slots != meta.0.num_slots {
+        bail!(
+            "kv cache has {slots} slots, the batch was laid out for {}",
+            meta.0.num_slots
+        )
+    }
+    for (name, x, c) in [("k", k, k_cache), ("v", v, v_cache)] {
+        if x.dims() != [t, kvh, d] || c.dims() != [slots, kvh, d] {
+            bail!(
+                "write_kv: {name} {:?} does not fit a cache {:?} for {t} tokens",
+                x.dims(),
+                c.dims()
+            )
+        }
+        if x.dtype() != c.dtype() {
+            bail!(
+                "write_kv: {name} is {:?}, the cache {:?}",
+                x.dtype(),
+                c.dtype()
+            )
+        }
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let w = kvh * d;
+    let idx: Vec<u32> = meta
+        .slots()
+        .iter()
+        .flat_map(|&s| std::iter::repeat_n(s, w))
+        .collect();
+    let idx = Tensor::from_vec(idx, (t, w), k.device())?;
+    k_cache
+        .reshape((slots, w))?
+        .scatter_set(&idx, &k.reshape((t, w))?.contiguous()?, 0)?;
+    v_cache
+        .reshape((slots, w))?
+        .scatter_set(&idx, &v.reshape((t, w))?.contiguous()?, 0)?;
+    Ok(())
+}
+
+#[derive(Debug)]
+struct PagedAttention {
+    meta: PagedAttentionMeta,
+    scale: f32,
+}
+
+/// A cache element the kernel widens to f32.
+trait CacheElem: Copy + Send + Sync {
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+impl CacheElem for f32 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+}
+impl CacheElem for bf16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32())
+    }
+}
+impl CacheElem for f16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32())
+    }
+}
+
+/// `Σ a·b` with 8 independent partial sums (vectorises).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl PagedAttention {
+    /// `q` `[T, heads, d]` f32; returns `[T, heads, d]` f32.
+    fn run<C: CacheElem>(
+        &self,
+        q: &[f32],
+        kc: &[C],
+        vc: &[C],
+        dims: (usize, usize, usize),
+    ) -> Vec<f32> {
+        let (heads, kvh, d) = dims;
+        let m = &*self.meta.0;
+        let t = m.slots.len();
+        let rep = heads / kvh;
+        let bs = m.block_size;
+        let mut out = vec![0f32; t * heads * d];
+        // one task per (token, kv head): its `rep` query heads, contiguous in `out`
+        out.par_chunks_mut(rep * d)
+            .enumerate()
+            .for_each(|(task, o)| {
+                let (ti, g) = (task / kvh, task % kvh);
+                let seq = m.token_seq[ti] as usize;
+                let ctx = m.token_pos[ti] as usize + 1;
+                let table = &m.tables[m.table_off[seq]..m.table_off[seq + 1]];
+                let qs = &q[(ti * heads + g * rep) * d..(ti * heads + (g + 1) * rep) * d];
+                let mut mx = vec![f32::NEG_INFINITY; rep];
+                let mut den = vec![0f32; rep];
+                let mut s = vec![0f32; rep * bs];
+                let mut row = vec![0f32; d];
+                for (bi, &blk) in table.iter().enumerate() {
+                    let p0 = bi * bs;
+                    if p0 >= ctx {
+                        break;
+                    }
+                    let n = bs.min(ctx - p0);
+                    let slot0 = blk as usize * bs;
+                    for j in 0..n {
+                        let off = ((slot0 + j) * kvh + g) * d;
+                        C::widen(&kc[off..off + d], &mut row);
+                        for r in 0..rep {
+                            s[r * bs + j] = dot(&qs[r * d..(r + 1) * d], &row) * self.scale;
+                        }
+                    }
+                    for r in 0..rep {
+                        let sr = &mut s[r * bs..r * bs + n];
+                        let bmax = sr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                        let new = mx[r].max(bmax);
+                        let corr = (mx[r] - new).exp();
+                        if corr != 1.0 {
+                            den[r] *= corr;
+                            o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= corr);
+                        }
+                        mx[r] = new;
+                        for x in sr.iter_mut() {
+                            *x = (*x - new).exp();
+                            den[r] += *x;
+                        }
+                    }
+                    for j in 0..n {
+                        let off = ((slot0 + j) * kvh + g) * d;
+                        C::widen(&vc[off..off + d], &mut row);
+                        for r in 0..rep {
+                            let p = s[r * bs + j];
+                            o[r * d..(r + 1) * d]
+                                .iter_mut()
+                                .zip(&row)
+                                .for_each(|(x, v)| *x += p * v);
+                        }
+                    }
+                }
+                for r in 0..rep {
+                    let inv = 1.0 / den[r];
+                    o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp3 for PagedAttention {
+    fn name(&self) -> &'static str {
+        "moe-paged-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (t, heads, d) = lq.shape().dims3()?;
+        let (_, kvh, _) = lk.shape().dims3()?;
+        let q = super::to_f32_cow(sq, lq, "attention queries")?;
+        let out = match (sk, sv) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run(
+                &q,
+                contiguous::<f32>(sk, lk, "k cache")?,
+                contiguous::<f32>(sv, lv, "v cache")?,
+                (heads, kvh, d),
+            ),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.run(
+                &q,
+                contiguous::<bf16>(sk, lk, "k cache")?,
+                contiguous::<bf16>(sv, lv, "v cache")?,
+                (heads, kvh, d),
+            ),
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => self.run(
+                &q,
+                contiguous::<f16>(sk, lk, "k cache")?,
+                contiguous::<f16>(sv, lv, "v cache")?,
+                (heads, kvh, d),
+            ),
+            _ => bail!(
+                "paged attention: k/v cache dtypes {:?}/{:?} (expected one float dtype)",
+                sk.dtype(),
+                sv.dtype()
+            ),
+        };
+        let shape = Shape::from((t, heads, d));
+        Ok(match sq.dtype() {
+            DType::BF16 => (
+                CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
+                shape,
+            ),
+            DType::F16 => (
+                CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
+                shape,
+            ),
+            _ => (CpuStorage::F32(out), shape),
+        })
+    }
+}
+
+/// Attention of `q` (`[T, heads, head_dim]`, the batch's new tokens after
+/// RoPE) over one layer's cache (`[slots, kv_heads, head_dim]`, already
+/// holding the new tokens' K/V, see [`write_kv`]); returns `[T, heads,
+/// head_dim]` in `q`'s dtype. `scale` multiplies the scores (usually
+/// `1/√head_dim`).
+pub fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &PagedAttentionMeta,
+    scale: f32,
+) -> Result<Tensor> {
+    let (t, heads, d) = q.dims3()?;
+    let (slots, kvh, dk) = k_cache.dims3()?;
+    if v_cache.dims() != k_cache.dims() || dk != d {
+        bail!(
+            "paged attention: q {:?}, k cache {:?}, v cache {:?} do not agree",
+            q.dims(),
+            k_cache.dims(),
+            v_cache.dims()
+        )
+    }
+    if kvh == 0 || heads % kvh != 0 {
+        bail!("paged attention: {heads} query heads are not a multiple of {kvh} kv heads")
+    }
+    if t != meta.num_tokens() || slots != meta.0.num_slots {
+        bail!(
+            "paged attention: {t} queries / {slots} cache slots, the batch was laid out for {} / {}",
+            meta.num_tokens(),
+            meta.0.num_slots
+        )
+    }
+    if t == 0 {
+        return Tensor::zeros((0, heads, d), q.dtype(), q.device());
+    }
+    let op = PagedAttention {
+        meta: meta.clone(),
+        scale,
+    };
+    match q.device() {
+        Device::Cpu => {
+            q.contiguous()?
+                .apply_op3_no_bwd(&k_cache.contiguous()?, &v_cache.contiguous()?, &op)
+        }
+        _ => by_sequence(q, k_cache, v_cache, meta, scale),
+    }
+}
+
+/// The same math with candle ops, one sequence at a time (devices without a
+/// fused kernel): gather the sequence's K/V slots, scores with a causal mask,
+/// softmax in f32, weighted sum of V.
+fn by_sequence(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &PagedAttentionMeta,
+    scale: f32,
+) -> Result<Tensor> {
+    let m = &*meta.0;
+    let (_, heads, d) = q.dims3()?;
+    let kvh = k_cache.dim(1)?;
+    let rep = heads / kvh;
+    let dev = q.device();
+    let mut outs = Vec::new();
+    let mut t0 = 0;
+    while t0 < m.slots.len() {
+        let seq = m.token_seq[t0] as usize;
+        let n = m.token_seq[t0..]
+            .iter()
+            .take_while(|&&s| s as usize == seq)
+            .count();
+        let ctx = m.token_pos[t0 + n - 1] as usize + 1;
+        let table = &m.tables[m.table_off[seq]..m.table_off[seq + 1]];
+        let slots: Vec<u32> = (0..ctx)
+            .map(|p| table[p / m.block_size] * m.block_size as u32 + (p % m.block_size) as u32)
+            .collect();
+        let idx = Tensor::from_vec(slots, ctx, dev)?;
+        // [kvh, ctx, d]
+        let k = k_cache
+            .index_select(&idx, 0)?
+            .to_dtype(DType::F32)?
+            .transpose(0, 1)?;
+        let v = v_cache
+            .index_select(&idx, 0)?
+            .to_dtype(DType::F32)?
+            .transpose(0, 1)?;
+        // [kvh, n·rep, d]: token-major, then the heads of one kv group
+        let qs = q
+            .narrow(0, t0, n)?
+            .to_dtype(DType::F32)?
+            .reshape((n, kvh, rep, d))?
+            .permute((1, 0, 2, 3))?
+            .reshape((kvh, n * rep, d))?;
+        let scores = (qs.matmul(&k.t()?.contiguous()?)? * scale as f64)?;
+        let mut mask = vec![0f32; n * rep * ctx];
+        for i in 0..n {
+            let pos = m.token_pos[t0 + i] as usize;
+            for r in 0..rep {
+                mask[(i * rep + r) * ctx + pos + 1..(i * rep + r + 1) * ctx]
+                    .iter_mut()
+                    .for_each(|x| *x = f32::NEG_INFINITY);
+            }
+        }
+        let mask = Tensor::from_vec(mask, (1, n * rep, ctx), dev)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        let o = p.matmul(&v.contiguous()?)?; // [kvh, n·rep, d]
+        let o = o
+            .reshape((kvh, n, rep, d))?
+            .permute((1, 0, 2, 3))?
+            .reshape((n, heads, d))?;
+        outs.push(o.to_dtype(q.dtype())?);
+        t0 += n;
+    }
+    Tensor::cat(&outs, 0)
+}

@@ -1,0 +1,247 @@
+//! Dense linear `y = x · Wᵀ (+ b)` with `W [N, K]` read as stored: f32 / bf16 /
+//! f16, or packed FP8 / MXFP4 (the formats of [`WeightQuant`]). The engines
+//! are the grouped GEMM's (one weight matrix, every row), so a decode step
+//! reads each weight byte once and prefill runs the packed FMA tiles; no
+//! routing is built per call.
+//!
+//! CPU: rayon over (row chunk × column tile). Other devices: candle's matmul
+//! for float weights, the one-expert grouped GEMM for packed ones.
+
+use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
+use super::gemm_quant_cpu::{qgemm_tile, QTile};
+use super::grouped_gemm::{packed_bytes, quant_mats};
+use super::{contiguous, to_f32_cow, SendPtr, WeightQuant};
+use crate::quant::fp8_codec::fake_quant_fp8_groups;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// How one dense linear reads its weight and input.
+#[derive(Clone, Debug, Default)]
+pub struct LinearArgs {
+    /// `[N]` bias (any float dtype), added in f32.
+    pub bias: Option<Tensor>,
+    /// Set when the weight is packed FP8 (`[N, K]` bytes) or MXFP4 (`[N, K/2]`).
+    pub quant: Option<WeightQuant>,
+    /// Quantize the input to FP8 per token per group of this many columns
+    /// first (dynamic W8A8, as the checkpoint's runtime does).
+    pub act_quant_group: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+struct DenseLinear {
+    args: LinearArgs,
+}
+
+/// Rows of a row chunk of the packed kernel (its panel is reused this often).
+const ROW_CHUNK: usize = 96;
+
+/// A tile: input rows, columns `n0..n1`, output rows.
+type RowTileFn<'a> = dyn Fn(&[*const f32], usize, usize, &[*mut f32]) + Sync + 'a;
+
+/// Runs `tile(rows, n0, n1, out_rows)` over (row chunk × column tile).
+fn run_tiles(
+    a: &[f32],
+    k: usize,
+    n: usize,
+    row_bytes: usize,
+    tile: &RowTileFn<'_>,
+) -> Vec<f32> {
+    let m = a.len().checked_div(k).unwrap_or(0);
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let (mb, nb) = if m <= SKINNY_MAX_ROWS {
+        // ~256 KiB of weights per task: long enough to hide scheduling,
+        // short enough to balance the threads
+        (m, ((256 << 10) / row_bytes.max(1)).clamp(16, 512))
+    } else {
+        (ROW_CHUNK, 128)
+    };
+    let items: Vec<(usize, usize)> = (0..m)
+        .step_by(mb)
+        .flat_map(|r0| (0..n).step_by(nb).map(move |n0| (r0, n0)))
+        .collect();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    items.into_par_iter().for_each(|(r0, n0)| {
+        let (r1, n1) = ((r0 + mb).min(m), (n0 + nb).min(n));
+        let ap: Vec<*const f32> = (r0..r1).map(|r| a[r * k..].as_ptr()).collect();
+        // SAFETY: (row chunk, column tile) regions of `out` are disjoint and
+        // in bounds (r < m, n1 ≤ n).
+        let cp: Vec<*mut f32> = (r0..r1)
+            .map(|r| unsafe { out_ptr.get().add(r * n + n0) })
+            .collect();
+        tile(&ap, n0, n1, &cp);
+    });
+    out
+}
+
+fn dense<W: WeightElem>(a: &[f32], k: usize, w: &[W], n: usize) -> Vec<f32> {
+    run_tiles(a, k, n, k * std::mem::size_of::<W>(), &|ap, n0, n1, cp| {
+        // SAFETY: `w` holds n·k elements (checked by the caller); `ap` rows
+        // are k long; `cp` rows are disjoint (run_tiles).
+        unsafe {
+            gemm_tile(&Tile {
+                a: ap,
+                w,
+                k,
+                n0,
+                n1,
+                c: cp,
+            })
+        }
+    })
+}
+
+impl CustomOp2 for DenseLinear {
+    fn name(&self) -> &'static str {
+        "moe-dense-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, kw) = lw.shape().dims2()?;
+        let k_w = self.args.quant.as_ref().map_or(kw, |q| q.k_of(kw));
+        if k != k_w {
+            bail!("linear: input has K = {k}, weight [{n}, {kw}] holds K = {k_w}")
+        }
+        let mut a = to_f32_cow(sx, lx, "linear input")?;
+        if let Some(group) = self.args.act_quant_group {
+            if group == 0 {
+                bail!("linear: activation quant group size 0")
+            }
+            if k > 0 {
+                a.to_mut()
+                    .par_chunks_mut(k)
+                    .for_each(|row| fake_quant_fp8_groups(row, group));
+            }
+        }
+        let mut out = match &self.args.quant {
+            Some(quant) => {
+                let w = packed_bytes(sw, lw)?;
+                let st = quant.scales().storage_and_layout();
+                let Storage::Cpu(sc) = &*st.0 else {
+                    bail!("linear: weight scales must be on the cpu like the weight")
+                };
+                let mats = quant_mats(quant, sc, st.1, w, 1, n, k)?;
+                let wm = mats[0];
+                run_tiles(&a, k, n, wm.row_bytes(), &|ap, n0, n1, cp| {
+                    // SAFETY: `wm` passed check_qmat in quant_mats; rows and
+                    // outputs as in `dense`.
+                    unsafe {
+                        qgemm_tile(&QTile {
+                            a: ap,
+                            w: wm,
+                            n0,
+                            n1,
+                            c: cp,
+                        })
+                    }
+                })
+            }
+            None => match sw.dtype() {
+                DType::F32 => dense(&a, k, contiguous::<f32>(sw, lw, "linear weight")?, n),
+                DType::BF16 => dense(&a, k, contiguous::<bf16>(sw, lw, "linear weight")?, n),
+                DType::F16 => dense(&a, k, contiguous::<f16>(sw, lw, "linear weight")?, n),
+                dt => bail!("linear: unsupported weight dtype {dt:?}"),
+            },
+        };
+        if let Some(b) = &self.args.bias {
+            if b.elem_count() != n {
+                bail!("linear: bias has {} elements, expected {n}", b.elem_count())
+            }
+            let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if n > 0 {
+                out.par_chunks_mut(n)
+                    .for_each(|r| r.iter_mut().zip(&b).for_each(|(o, b)| *o += b));
+            }
+        }
+        let shape = Shape::from((m, n));
+        Ok(match sx.dtype() {
+            DType::BF16 => (
+                CpuStorage::BF16(out.into_par_iter().map(bf16::from_f32).collect()),
+                shape,
+            ),
+            DType::F16 => (
+                CpuStorage::F16(out.into_par_iter().map(f16::from_f32).collect()),
+                shape,
+            ),
+            _ => (CpuStorage::F32(out), shape),
+        })
+    }
+}
+
+/// `x · Wᵀ (+ b)` over the last dimension of `x` (`[..., K]`), in `x`'s dtype;
+/// `w` is `[N, K]` as stored (see [`LinearArgs`]).
+pub fn linear(x: &Tensor, w: &Tensor, args: &LinearArgs) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        bail!("linear: scalar input")
+    };
+    let rows: usize = lead.iter().product();
+    let n = w.dim(0)?;
+    let x2 = x.reshape((rows, k))?.contiguous()?;
+    let y = if x.device().is_cpu() {
+        x2.apply_op2_no_bwd(&w.contiguous()?, &DenseLinear { args: args.clone() })?
+    } else {
+        accel(&x2, w, args)?
+    };
+    let mut shape = lead.to_vec();
+    shape.push(n);
+    y.reshape(shape)
+}
+
+/// Off the CPU: candle's matmul for float weights, the one-expert grouped
+/// GEMM (the CUDA kernels) for packed ones.
+fn accel(x: &Tensor, w: &Tensor, args: &LinearArgs) -> Result<Tensor> {
+    let dt = x.dtype();
+    match &args.quant {
+        None => {
+            let w = if w.dtype() == dt {
+                w.clone()
+            } else {
+                w.to_dtype(dt)?
+            };
+            let y = x.matmul(&w.t()?)?;
+            match &args.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(dt)?),
+                None => Ok(y),
+            }
+        }
+        Some(quant) => {
+            use super::{align_block_size, grouped_gemm, moe_align_block_size};
+            let rows = x.dim(0)?;
+            let ids = Tensor::zeros((rows, 1), DType::U32, x.device())?;
+            let routing =
+                moe_align_block_size(&ids, align_block_size(x.device(), rows, 1, 1), 1, 1, None)?;
+            let bias = args
+                .bias
+                .as_ref()
+                .map(|b| b.to_dtype(DType::F32)?.reshape((1, ())))
+                .transpose()?;
+            let w3 = w.unsqueeze(0)?;
+            grouped_gemm(
+                x,
+                &w3,
+                &routing,
+                super::GroupedGemmArgs {
+                    row_div: 1,
+                    bias,
+                    topk_weights: None,
+                    quant: Some(quant.clone()),
+                    act_quant_group: args.act_quant_group,
+                    kernel: super::CudaGemmKernel::Auto,
+                },
+            )?
+            .to_dtype(dt)
+        }
+    }
+}
