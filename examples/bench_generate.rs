@@ -1,179 +1,206 @@
-//! End-to-end generation speed: our Qwen2-MoE loader (FusedMoe layers) against
-//! candle-transformers 0.11.1's `qwen2_moe` on the same random checkpoint in
-//! the same run. The checkpoint has Qwen1.5-MoE-A2.7B's shapes (hidden 2048,
-//! 16 heads, 60 experts top-4 of size 1408, shared expert 5632, vocab 151936),
-//! truncated to a few layers.
+//! End-to-end generation speed: our Qwen2-MoE model in several weight formats
+//! against candle-transformers 0.11.1's `qwen2_moe` (f32) on the same random
+//! checkpoint, in the same run. The checkpoint has Qwen1.5-MoE-A2.7B's shapes
+//! (hidden 2048, 16 heads, 60 experts top-4 of size 1408, shared expert 5632,
+//! vocab 151936) truncated to `--layers`, stored in bf16 as the real one.
 //!
-//!     cargo run --release --example bench_generate [-- --layers 2 --prompt 64 --gen 32 --dtype f32]
+//!     cargo run --release --example bench_generate -- --layers 4 --json
 //!
-//! Our model runs four times: experts in the compute dtype, experts kept in
-//! the checkpoint's bf16 (exact widening in the kernels, half the expert
-//! bytes), and experts quantized on load to FP8 (W8A8) and MXFP4 (W4A16).
+//! Rows (`--variants`): `f32` (everything f32), `bf16` (weights, KV cache and
+//! activations bf16), `fp8-experts` / `mxfp4-experts` (experts quantized on
+//! load, the rest bf16), `fp8` (every linear FP8), `mxfp4-fp8` (MXFP4 experts,
+//! FP8 dense layers). With `--json` the last stdout line is a JSON array of
+//! rows: `model`, `weights`, `prompt_tok_s`, `gen_tok_s`, `prompt_vs_candle`,
+//! `gen_vs_candle`, `bytes_per_token` (weights a decode step reads) and
+//! `bandwidth_pct` (bytes_per_token × gen_tok_s over the read bandwidth
+//! measured in the same run).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_moe::quant::QuantScheme;
 use candle_moe_models::{Checkpoint, LoadOptions, Logits, QwenMoeForCausalLM, Session};
 use candle_transformers::models::qwen2_moe;
+use clap::Parser;
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Instant;
 
-fn arg(name: &str, default: &str) -> String {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter()
-        .position(|x| x == name)
-        .and_then(|i| a.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.into())
+mod common;
+use common::{fill, read_bandwidth};
+
+#[derive(Parser, Debug)]
+#[command(about = "End-to-end generation speed against candle-transformers' qwen2_moe")]
+struct Args {
+    /// Decoder layers of the Qwen1.5-MoE-A2.7B-shaped checkpoint.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    /// Generated tokens.
+    #[arg(long, default_value_t = 32)]
+    gen: usize,
+    /// Timed runs per model (the best counts).
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// Our variants, comma-separated: f32, bf16, fp8-experts, mxfp4-experts, fp8, mxfp4-fp8.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,bf16,fp8-experts,mxfp4-experts,fp8,mxfp4-fp8"
+    )]
+    variants: Vec<String>,
+    /// Skip the candle-transformers baseline (ratios are then absent).
+    #[arg(long)]
+    no_candle: bool,
+    /// Print the rows as a JSON array on the last line.
+    #[arg(long)]
+    json: bool,
 }
 
-fn rand_tensor(shape: &[usize], seed: u64, scale: f32, dt: DType) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dt)?)
+/// Writes the random checkpoint tensor by tensor into `dir` (once).
+fn write_checkpoint(dir: &Path, layers: usize) -> Result<()> {
+    let (h, heads, inter, moe_i, shared, e, k, vocab) = DIMS;
+    if dir.join("model.safetensors").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "writing a random {layers}-layer checkpoint to {}",
+        dir.display()
+    );
+    std::fs::create_dir_all(dir)?;
+    let mut t = HashMap::new();
+    let mut seed = 1;
+    let mut put = |name: String, shape: &[usize], scale: f32| -> Result<()> {
+        seed += 1;
+        let n = shape.iter().product();
+        let v = Tensor::from_vec(fill(n, seed, scale), shape, &Device::Cpu)?;
+        t.insert(name, v.to_dtype(DType::BF16)?);
+        Ok(())
+    };
+    put("model.embed_tokens.weight".into(), &[vocab, h], 0.5)?;
+    put("lm_head.weight".into(), &[vocab, h], 0.02)?;
+    put("model.norm.weight".into(), &[h], 1.0)?;
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for n in ["q", "k", "v", "o"] {
+            put(format!("{p}.self_attn.{n}_proj.weight"), &[h, h], 0.02)?;
+        }
+        for n in ["q", "k", "v"] {
+            put(format!("{p}.self_attn.{n}_proj.bias"), &[h], 0.02)?;
+        }
+        put(format!("{p}.input_layernorm.weight"), &[h], 1.0)?;
+        put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0)?;
+        put(format!("{p}.mlp.gate.weight"), &[e, h], 0.05)?;
+        put(format!("{p}.mlp.shared_expert_gate.weight"), &[1, h], 0.02)?;
+        let se = format!("{p}.mlp.shared_expert");
+        put(format!("{se}.gate_proj.weight"), &[shared, h], 0.02)?;
+        put(format!("{se}.up_proj.weight"), &[shared, h], 0.02)?;
+        put(format!("{se}.down_proj.weight"), &[h, shared], 0.02)?;
+        for x in 0..e {
+            let ex = format!("{p}.mlp.experts.{x}");
+            put(format!("{ex}.gate_proj.weight"), &[moe_i, h], 0.02)?;
+            put(format!("{ex}.up_proj.weight"), &[moe_i, h], 0.02)?;
+            put(format!("{ex}.down_proj.weight"), &[h, moe_i], 0.02)?;
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    let cfg = serde_json::json!({
+        "model_type": "qwen2_moe", "vocab_size": vocab, "hidden_size": h, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "max_position_embeddings": 8192, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": false, "hidden_act": "silu", "decoder_sparse_step": 1,
+        "moe_intermediate_size": moe_i, "shared_expert_intermediate_size": shared,
+        "num_experts_per_tok": k, "num_experts": e, "norm_topk_prob": false, "mlp_only_layers": [],
+        "sliding_window": 8192, "max_window_layers": 28, "use_sliding_window": false,
+        "torch_dtype": "bfloat16"
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string())?;
+    Ok(())
+}
+
+/// hidden, heads, dense intermediate, expert intermediate, shared expert,
+/// experts, top-k, vocabulary of Qwen1.5-MoE-A2.7B.
+const DIMS: (usize, usize, usize, usize, usize, usize, usize, usize) =
+    (2048, 16, 5632, 1408, 5632, 60, 4, 151936);
+
+/// (compute dtype, expert dtype, expert quant, dense quant) of a variant.
+type Variant = (
+    DType,
+    Option<DType>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+fn variant(name: &str) -> Result<Variant> {
+    Ok(match name {
+        "f32" => (DType::F32, Some(DType::F32), None, None),
+        "bf16" => (DType::BF16, None, None, None),
+        "fp8-experts" => (DType::BF16, None, Some("fp8"), None),
+        "mxfp4-experts" => (DType::BF16, None, Some("mxfp4"), None),
+        "fp8" => (DType::BF16, None, Some("fp8"), Some("fp8")),
+        "mxfp4-fp8" => (DType::BF16, None, Some("mxfp4"), Some("fp8")),
+        o => bail!("--variants: unknown `{o}`"),
+    })
+}
+
+/// Best (prompt seconds, generation seconds) over `runs` runs of `step`:
+/// `step(None)` prefills and returns the first token, `step(Some(t))` decodes.
+fn time_runs(
+    runs: usize,
+    gen: usize,
+    reset: &mut dyn FnMut() -> Result<()>,
+    step: &mut dyn FnMut(Option<(u32, usize)>) -> Result<u32>,
+) -> Result<(f64, f64)> {
+    let mut best = (f64::MAX, f64::MAX);
+    for _ in 0..runs.max(1) {
+        reset()?;
+        let t = Instant::now();
+        let mut next = step(None)?;
+        let tp = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for i in 0..gen {
+            next = step(Some((next, i)))?;
+        }
+        best = (best.0.min(tp), best.1.min(t.elapsed().as_secs_f64()));
+    }
+    Ok(best)
 }
 
 fn main() -> Result<()> {
-    let layers: usize = arg("--layers", "2").parse().context("--layers")?;
-    let prompt_len: usize = arg("--prompt", "64").parse().context("--prompt")?;
-    let gen: usize = arg("--gen", "32").parse().context("--gen")?;
-    let dt = match arg("--dtype", "f32").as_str() {
-        "bf16" => DType::BF16,
-        _ => DType::F32,
-    };
-    let (h, heads, inter, moe_i, shared, e, k, vocab) = (2048, 16, 5632, 1408, 5632, 60, 4, 151936);
-    // the checkpoint is stored in bf16, as the real one; `--dtype` is the compute dtype
-    let dir = std::env::temp_dir().join(format!("candle-moe-bench-qwen15-{layers}l"));
-    if !dir.join("model.safetensors").exists() {
-        eprintln!(
-            "writing a random {layers}-layer checkpoint to {}",
-            dir.display()
-        );
-        std::fs::create_dir_all(&dir)?;
-        let mut t = HashMap::new();
-        let mut seed = 1;
-        let mut put = |name: String, shape: &[usize], scale: f32| -> Result<()> {
-            seed += 1;
-            t.insert(name, rand_tensor(shape, seed, scale, DType::BF16)?);
-            Ok(())
-        };
-        put("model.embed_tokens.weight".into(), &[vocab, h], 0.5)?;
-        put("lm_head.weight".into(), &[vocab, h], 0.02)?;
-        put("model.norm.weight".into(), &[h], 1.0)?;
-        for l in 0..layers {
-            let p = format!("model.layers.{l}");
-            for n in ["q", "k", "v", "o"] {
-                put(format!("{p}.self_attn.{n}_proj.weight"), &[h, h], 0.02)?;
-            }
-            for n in ["q", "k", "v"] {
-                put(format!("{p}.self_attn.{n}_proj.bias"), &[h], 0.02)?;
-            }
-            put(format!("{p}.input_layernorm.weight"), &[h], 1.0)?;
-            put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0)?;
-            put(format!("{p}.mlp.gate.weight"), &[e, h], 0.05)?;
-            put(format!("{p}.mlp.shared_expert_gate.weight"), &[1, h], 0.02)?;
-            put(
-                format!("{p}.mlp.shared_expert.gate_proj.weight"),
-                &[shared, h],
-                0.02,
-            )?;
-            put(
-                format!("{p}.mlp.shared_expert.up_proj.weight"),
-                &[shared, h],
-                0.02,
-            )?;
-            put(
-                format!("{p}.mlp.shared_expert.down_proj.weight"),
-                &[h, shared],
-                0.02,
-            )?;
-            for x in 0..e {
-                put(
-                    format!("{p}.mlp.experts.{x}.gate_proj.weight"),
-                    &[moe_i, h],
-                    0.02,
-                )?;
-                put(
-                    format!("{p}.mlp.experts.{x}.up_proj.weight"),
-                    &[moe_i, h],
-                    0.02,
-                )?;
-                put(
-                    format!("{p}.mlp.experts.{x}.down_proj.weight"),
-                    &[h, moe_i],
-                    0.02,
-                )?;
-            }
-        }
-        candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
-        let cfg = serde_json::json!({
-            "model_type": "qwen2_moe", "vocab_size": vocab, "hidden_size": h, "intermediate_size": inter,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
-            "max_position_embeddings": 8192, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": false, "hidden_act": "silu", "decoder_sparse_step": 1,
-            "moe_intermediate_size": moe_i, "shared_expert_intermediate_size": shared,
-            "num_experts_per_tok": k, "num_experts": e, "norm_topk_prob": false, "mlp_only_layers": [],
-            "sliding_window": 8192, "max_window_layers": 28, "use_sliding_window": false
-        });
-        std::fs::write(dir.join("config.json"), cfg.to_string())?;
-    }
+    let args = Args::parse();
+    let (h, heads, inter, moe_i, shared, e, k, vocab) = DIMS;
+    let dir = std::env::temp_dir().join(format!("candle-moe-bench-qwen15-{}l", args.layers));
+    write_checkpoint(&dir, args.layers)?;
     let dev = Device::Cpu;
-    let prompt: Vec<u32> = (0..prompt_len as u32)
+    let prompt: Vec<u32> = (0..args.prompt as u32)
         .map(|i| (i * 7919 + 13) % vocab as u32)
         .collect();
-    let x = Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?;
     let ck = Checkpoint::open(&dir)?;
-    let mut rows = vec![];
+    let bw = read_bandwidth();
+    eprintln!(
+        "read bandwidth {bw:.1} GB/s, {} threads",
+        rayon::current_num_threads()
+    );
+    let mut rows: Vec<serde_json::Value> = vec![];
+    let row = |model: &str, weights: &str, (tp, tg): (f64, f64), bytes: usize| {
+        let gen_tok_s = args.gen as f64 / tg;
+        serde_json::json!({
+            "model": model,
+            "weights": weights,
+            "prompt_tok_s": args.prompt as f64 / tp,
+            "gen_tok_s": gen_tok_s,
+            "bytes_per_token": bytes,
+            "bandwidth_pct": 100.0 * bytes as f64 * gen_tok_s / (bw * 1e9),
+        })
+    };
 
-    // ours: experts in the compute dtype, kept in the checkpoint's bf16, and
-    // quantized on load to FP8 (W8A8) / MXFP4 (W4A16)
-    for (label, edt, quant) in [
-        ("candle-moe (FusedMoe)", None, None),
-        ("candle-moe, bf16 experts", Some(DType::BF16), None),
-        ("candle-moe, fp8 experts", None, Some("fp8")),
-        ("candle-moe, mxfp4 experts", None, Some("mxfp4")),
-    ] {
-        if edt == Some(dt) {
-            continue;
-        }
-        let opts = LoadOptions {
-            expert_dtype: edt,
-            quant: quant.map(QuantScheme::on_load).transpose()?,
-            ..Default::default()
-        };
-        let m = QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dt, &dev)?, &opts)?;
-        let mut best = (f64::MAX, f64::MAX);
-        let mut s = Session::new(&m, 1, prompt_len + gen + 1)?;
-        for _ in 0..2 {
-            s.reset();
-            let t = Instant::now();
-            let mut l = s.step(&[&prompt], Logits::Last)?;
-            let tp = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            for _ in 0..gen {
-                let next = l.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-                l = s.step(&[&[next]], Logits::Last)?;
-            }
-            let tg = t.elapsed().as_secs_f64();
-            best = (best.0.min(tp), best.1.min(tg));
-        }
-        rows.push((label, prompt_len as f64 / best.0, gen as f64 / best.1));
-    }
-    // candle-transformers
-    if std::env::var("ONLY_OURS").is_err() {
+    if !args.no_candle {
         let cfg = qwen2_moe::Config {
             vocab_size: vocab,
             hidden_size: h,
             intermediate_size: inter,
-            num_hidden_layers: layers,
+            num_hidden_layers: args.layers,
             num_attention_heads: heads,
             num_key_value_heads: heads,
             max_position_embeddings: 8192,
@@ -191,52 +218,109 @@ fn main() -> Result<()> {
             num_experts: e,
             norm_topk_prob: false,
         };
+        // SAFETY: the file is ours and not modified while mapped
         let vb = unsafe {
             candle_nn::VarBuilder::from_mmaped_safetensors(
                 &[dir.join("model.safetensors")],
-                dt,
+                DType::F32,
                 &dev,
             )?
         };
-        let mut m = qwen2_moe::Model::new(&cfg, vb)?;
-        let mut best = (f64::MAX, f64::MAX);
-        for _ in 0..2 {
-            m.clear_kv_cache();
-            let t = Instant::now();
-            let mut l = m.forward(&x, 0)?;
-            let tp = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            for i in 0..gen {
-                let next = l
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .argmax(0)?
-                    .to_scalar::<u32>()?;
-                l = m.forward(&Tensor::new(&[[next]], &dev)?, prompt_len + i)?;
+        let m = std::cell::RefCell::new(qwen2_moe::Model::new(&cfg, vb)?);
+        let x = Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?;
+        let argmax = |l: Tensor| -> Result<u32> {
+            Ok(l.flatten_all()?
+                .to_dtype(DType::F32)?
+                .argmax(0)?
+                .to_scalar::<u32>()?)
+        };
+        let best = time_runs(
+            args.runs,
+            args.gen,
+            &mut || {
+                m.borrow_mut().clear_kv_cache();
+                Ok(())
+            },
+            &mut |s| match s {
+                None => argmax(m.borrow_mut().forward(&x, 0)?),
+                Some((t, i)) => argmax(
+                    m.borrow_mut()
+                        .forward(&Tensor::new(&[[t]], &dev)?, args.prompt + i)?,
+                ),
+            },
+        )?;
+        // f32 weights: attention, shared experts, routers, lm_head, and the
+        // top-k of the experts
+        let per_layer = 4 * h * h + 3 * h * shared + h + e * h + k * 3 * moe_i * h;
+        let bytes = 4 * (args.layers * per_layer + vocab * h);
+        rows.push(row("candle-transformers qwen2_moe", "f32", best, bytes));
+    }
+
+    for name in &args.variants {
+        let (dt, edt, q, qd) = variant(name)?;
+        let opts = LoadOptions {
+            expert_dtype: edt,
+            quant: q.map(QuantScheme::on_load).transpose()?,
+            quant_dense: qd.map(QuantScheme::on_load).transpose()?,
+            ..Default::default()
+        };
+        let m = QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dt, &dev)?, &opts)?;
+        let s = std::cell::RefCell::new(Session::new(&m, 1, args.prompt + args.gen + 1)?);
+        let best = time_runs(
+            args.runs,
+            args.gen,
+            &mut || {
+                s.borrow_mut().reset();
+                Ok(())
+            },
+            &mut |x| {
+                let l = match x {
+                    None => s.borrow_mut().step(&[&prompt], Logits::Last)?,
+                    Some((t, _)) => s.borrow_mut().step(&[&[t]], Logits::Last)?,
+                };
+                Ok(l.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
+            },
+        )?;
+        rows.push(row("candle-moe", name, best, m.decode_bytes_per_token()));
+    }
+
+    let base = rows
+        .iter()
+        .find(|r| r["model"] == "candle-transformers qwen2_moe")
+        .map(|r| (r["prompt_tok_s"].as_f64(), r["gen_tok_s"].as_f64()));
+    if let Some((Some(bp), Some(bg))) = base {
+        for r in rows.iter_mut() {
+            let (p, g) = (r["prompt_tok_s"].as_f64(), r["gen_tok_s"].as_f64());
+            if let (Some(p), Some(g)) = (p, g) {
+                r["prompt_vs_candle"] = serde_json::json!(p / bp);
+                r["gen_vs_candle"] = serde_json::json!(g / bg);
             }
-            let tg = t.elapsed().as_secs_f64();
-            best = (best.0.min(tp), best.1.min(tg));
         }
-        rows.push((
-            "candle-transformers qwen2_moe",
-            prompt_len as f64 / best.0,
-            gen as f64 / best.1,
-        ));
     }
-    println!("{layers} layers, {dt:?}, prompt {prompt_len} tokens, {gen} generated (best of 2)");
-    println!("{:<32} {:>14} {:>14}", "model", "prompt tok/s", "gen tok/s");
-    for (n, p, g) in &rows {
-        println!("{n:<32} {p:>14.1} {g:>14.2}");
+    println!(
+        "{} layers, prompt {} tokens, {} generated (best of {}), read bandwidth {bw:.1} GB/s",
+        args.layers, args.prompt, args.gen, args.runs
+    );
+    println!(
+        "{:<30} {:<14} {:>10} {:>9} {:>8} {:>8} {:>9} {:>6}",
+        "model", "weights", "prompt t/s", "gen t/s", "prompt×", "gen×", "MB/token", "bw %"
+    );
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<30} {:<14} {:>10.1} {:>9.2} {:>8.2} {:>8.2} {:>9.0} {:>6.1}",
+            r["model"].as_str().unwrap_or(""),
+            r["weights"].as_str().unwrap_or(""),
+            f("prompt_tok_s"),
+            f("gen_tok_s"),
+            f("prompt_vs_candle"),
+            f("gen_vs_candle"),
+            f("bytes_per_token") / 1e6,
+            f("bandwidth_pct"),
+        );
     }
-    if let Some(base) = rows.iter().find(|r| r.0.starts_with("candle-transformers")) {
-        for r in rows.iter().filter(|r| r.0.starts_with("candle-moe")) {
-            println!(
-                "{} / candle-transformers: prompt {:.2}x, generation {:.2}x",
-                r.0,
-                r.1 / base.1,
-                r.2 / base.2
-            );
-        }
+    if args.json {
+        println!("{}", serde_json::Value::from(rows));
     }
     Ok(())
 }

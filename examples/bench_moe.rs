@@ -20,9 +20,11 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_moe::quant::{Fp8, QuantScheme};
 use candle_moe::{FusedMoe, FusedMoeConfig};
 use candle_nn::{Linear, VarBuilder};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::time::Instant;
+
+mod common;
+use common::{fill, read_bandwidth};
 
 struct Case {
     name: &'static str,
@@ -48,44 +50,6 @@ const CASES: &[Case] = &[
         k: 8,
     },
 ];
-
-fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut v = vec![0f32; n];
-    v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, ch)| {
-        let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for x in ch {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            *x = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale;
-        }
-    });
-    v
-}
-
-/// Read bandwidth in GB/s: best of 5 multi-threaded sums over 1 GiB.
-fn read_bandwidth() -> f64 {
-    let v = fill(1 << 28, 7, 1.0);
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        // 32 independent lanes so the sum vectorises and is bound by memory, not adds
-        let s: f32 = v
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0f32; 32];
-                for x in c.chunks_exact(32) {
-                    acc.iter_mut().zip(x).for_each(|(a, x)| *a += x);
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        let dt = t.elapsed().as_secs_f64();
-        std::hint::black_box(s);
-        best = best.max((v.len() * 4) as f64 / dt / 1e9);
-    }
-    best
-}
 
 /// The candle-transformers CPU loop, expert by expert.
 struct CandleLoop {

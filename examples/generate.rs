@@ -9,7 +9,7 @@
 //! and `--json` prints as the last stdout line
 //! `{"prompt_ids": [...], "generated_ids": [...], "prompt_last_logits": [...]}`.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::DType;
 use candle_moe::dist::{Communicator, ThreadComm, ThreadWorld};
 use candle_moe::{EpConfig, ExpertMapManager, PlacementStrategy};
@@ -21,102 +21,88 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 mod common;
-use common::{device, expert_dtype, parse_dtype, quant_scheme, resolve};
+use clap::Parser;
+use common::{
+    device, expert_dtype, non_negative, parse_dtype, positive_f32, quant_scheme, resolve,
+    unit_interval,
+};
 
 const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-qwen2-moe");
-const HELP: &str =
-    "options: --model DIR|HUB_ID [--revision REV] [--prompt TEXT | --prompt-ids 1,2,3] [--chat]
-  [--max-new-tokens N (64)] [--temperature T (0 = greedy)] [--top-p P] [--top-k K] [--seed S]
-  [--repeat-penalty R (1.0)] [--dtype f32|bf16|f16] [--expert-dtype f32|bf16|f16]
-  [--device cpu|cuda[:N]] [--ep-size N] [--ep-placement linear|round_robin] [--json]
-  [--quant fp8|mxfp4] (quantize a float checkpoint's experts while loading)
-  --dtype defaults to f32 on cpu, bf16 on cuda; --expert-dtype to the checkpoint's bf16/f16
-  when computing in f32 (exact, half the expert memory), else to --dtype";
-
+/// Text generation with a Qwen-MoE checkpoint (every MoE layer a FusedMoe).
+#[derive(Parser, Debug)]
+#[command(about)]
 struct Args {
+    /// Local checkpoint directory or hub id (default: the bundled tiny model).
+    #[arg(long)]
     model: Option<String>,
+    /// Hub revision to download.
+    #[arg(long, default_value = "main")]
     revision: String,
+    /// Prompt text (default: "The capital of France is").
+    #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
+    /// Prompt as token ids (no tokenizer needed).
+    #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt in the ChatML user/assistant template.
+    #[arg(long)]
     chat: bool,
+    #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    sampling: SamplingParams,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    temperature: f64,
+    /// Nucleus sampling, in (0, 1].
+    #[arg(long, value_parser = unit_interval)]
+    top_p: Option<f64>,
+    /// Sample among the k most likely tokens (k ≥ 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    top_k: Option<u64>,
+    #[arg(long, default_value_t = 299792458)]
+    seed: u64,
+    /// 1 = off; > 1 discourages tokens of the last 64.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f32)]
+    repeat_penalty: f32,
+    /// Compute dtype (f32|bf16|f16; default f32 on cpu, bf16 on cuda).
+    #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
+    /// Experts' dtype (default: the checkpoint's bf16/f16 under f32 compute).
+    #[arg(long)]
     expert_dtype: Option<String>,
+    /// Quantize a float checkpoint's experts while loading (fp8|mxfp4).
+    #[arg(long)]
     quant: Option<String>,
+    /// Quantize every other linear but the embeddings and router too (fp8|mxfp4).
+    #[arg(long)]
+    quant_dense: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
     device: String,
+    /// Expert-parallel ranks (threads on cpu, GPUs over NCCL on cuda).
+    #[arg(long, default_value_t = 1)]
     ep_size: usize,
+    #[arg(long, default_value = "linear")]
     ep_placement: PlacementStrategy,
+    /// Print `{"prompt_ids", "generated_ids", "prompt_last_logits"}` as the last line.
+    #[arg(long)]
     json: bool,
 }
 
-fn parse() -> Result<Args> {
-    let mut a = Args {
-        model: None,
-        revision: "main".into(),
-        prompt: None,
-        prompt_ids: None,
-        chat: false,
-        max_new_tokens: 64,
-        sampling: SamplingParams::default(),
-        dtype: None,
-        expert_dtype: None,
-        quant: None,
-        device: "cpu".into(),
-        ep_size: 1,
-        ep_placement: PlacementStrategy::Linear,
-        json: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || {
-            it.next()
-                .ok_or_else(|| anyhow!("{flag} needs a value\n{HELP}"))
-        };
-        match flag.as_str() {
-            "--model" => a.model = Some(val()?),
-            "--revision" => a.revision = val()?,
-            "--prompt" => a.prompt = Some(val()?),
-            "--prompt-ids" => {
-                let v = val()?;
-                a.prompt_ids = Some(
-                    v.split(',')
-                        .map(|x| {
-                            x.trim()
-                                .parse::<u32>()
-                                .with_context(|| format!("--prompt-ids: `{x}`"))
-                        })
-                        .collect::<Result<_>>()?,
-                )
-            }
-            "--chat" => a.chat = true,
-            "--json" => a.json = true,
-            "--max-new-tokens" => a.max_new_tokens = val()?.parse().context("--max-new-tokens")?,
-            "--temperature" => a.sampling.temperature = val()?.parse().context("--temperature")?,
-            "--top-p" => a.sampling.top_p = Some(val()?.parse().context("--top-p")?),
-            "--top-k" => a.sampling.top_k = Some(val()?.parse().context("--top-k")?),
-            "--seed" => a.sampling.seed = val()?.parse().context("--seed")?,
-            "--repeat-penalty" => {
-                a.sampling.repeat_penalty = val()?.parse().context("--repeat-penalty")?
-            }
-            "--dtype" => a.dtype = Some(parse_dtype(&val()?)?),
-            "--expert-dtype" => a.expert_dtype = Some(val()?),
-            "--quant" => a.quant = Some(val()?),
-            "--ep-size" => a.ep_size = val()?.parse().context("--ep-size")?,
-            "--ep-placement" => a.ep_placement = val()?.parse()?,
-            "--device" => a.device = val()?,
-            "-h" | "--help" => {
-                println!("{HELP}");
-                std::process::exit(0)
-            }
-            o => bail!("unknown option {o}\n{HELP}"),
+impl Args {
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k.map(|k| k as usize),
+            repeat_penalty: self.repeat_penalty,
+            seed: self.seed,
+            ..Default::default()
         }
     }
-    Ok(a)
 }
 
 fn main() -> Result<()> {
-    let args = parse()?;
+    let args = Args::parse();
     let dir = match &args.model {
         Some(m) => resolve(m, &args.revision)?,
         None => PathBuf::from(BUNDLED),
@@ -192,6 +178,7 @@ fn main() -> Result<()> {
         nccl_ranks(args.ep_size)?
     };
     let quant = quant_scheme(args.quant.as_deref())?;
+    let quant_dense = quant_scheme(args.quant_dense.as_deref())?;
     // `dev`: the device this rank runs on (each rank builds its own once)
     let load = |comm: Option<RankComm>, dev: &candle_core::Device| -> Result<QwenMoeForCausalLM> {
         let ep = match comm {
@@ -206,6 +193,7 @@ fn main() -> Result<()> {
             expert_dtype: edt,
             ep,
             quant: quant.clone(),
+            quant_dense: quant_dense.clone(),
         };
         Ok(QwenMoeForCausalLM::new_with_options(
             &ck.config,
@@ -238,7 +226,7 @@ fn main() -> Result<()> {
                     let dev = &rank_device(dev, rank)?;
                     let r = (|| -> Result<()> {
                         let m = load(comm, dev)?;
-                        let mut sampler = Sampler::new(args.sampling.clone());
+                        let mut sampler = Sampler::new(args.sampling());
                         generate(
                             &m,
                             prompt_ids,
@@ -365,7 +353,7 @@ fn run(
     let mut printed = String::new();
     let mut all: Vec<u32> = vec![];
     let stream = !args.json && tokenizer.is_some();
-    let mut sampler = Sampler::new(args.sampling.clone());
+    let mut sampler = Sampler::new(args.sampling());
     let out = generate(
         model,
         prompt_ids,

@@ -11,7 +11,7 @@ use crate::ops::{Activation, ScoringFunc};
 use crate::quant::{qlinear, ExpertLayerSpec, QLinear, QuantMethod, QuantScheme, Unquantized};
 use crate::router::{Router, RouterConfig};
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{linear_no_bias, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use std::sync::Arc;
 
 /// Everything a fused MoE layer needs to know (not tied to one checkpoint
@@ -46,6 +46,10 @@ pub struct FusedMoeConfig {
     /// Quantized experts (and shared-expert linears) of the checkpoint, or
     /// float experts quantized on load; `None`: float experts.
     pub quant: Option<QuantScheme>,
+    /// Quantize the shared expert's float linears on load (an on-load
+    /// scheme, e.g. `QuantScheme::on_load("fp8")`); `None`: as `quant`
+    /// prescribes for a quantized checkpoint, float otherwise.
+    pub dense_quant: Option<QuantScheme>,
 }
 
 impl FusedMoeConfig {
@@ -73,6 +77,7 @@ impl FusedMoeConfig {
             shared_expert_gate: true,
             ep: EpConfig::default(),
             quant: None,
+            dense_quant: None,
         }
     }
 
@@ -172,6 +177,17 @@ impl SharedExperts {
     }
 }
 
+impl SharedExperts {
+    /// Bytes of weights (and scales) held.
+    pub fn weight_bytes(&self) -> usize {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+            .into_iter()
+            .chain(self.gate.as_ref())
+            .map(QLinear::weight_bytes)
+            .sum()
+    }
+}
+
 impl Module for SharedExperts {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
@@ -249,7 +265,10 @@ impl FusedMoe {
                 cfg.activation,
                 cfg.shared_expert_gate,
                 &vb,
-                cfg.quant.as_ref(),
+                cfg.quant
+                    .as_ref()
+                    .filter(|q| !q.is_on_load())
+                    .or(cfg.dense_quant.as_ref()),
             )?),
             None => None,
         };
@@ -378,7 +397,7 @@ impl FusedMoe {
 /// (`gate`, `experts`, `shared_expert`, `shared_expert_gate`).
 #[derive(Clone, Debug)]
 pub struct SparseMoeBlock {
-    gate: Linear,
+    gate: QLinear,
     moe: FusedMoe,
 }
 
@@ -394,8 +413,14 @@ impl SparseMoeBlock {
         vb: VarBuilder,
         prepare_finalize: Arc<dyn PrepareAndFinalize>,
     ) -> Result<Self> {
-        let gate = linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))
-            .map_err(|e| MoeError::weight(format!("{}.gate.weight", vb.prefix()), e.to_string()))?;
+        // the router stays float: routing decisions are sensitive to it
+        let gate = qlinear(
+            cfg.hidden_size,
+            cfg.num_experts,
+            false,
+            &vb.pp("gate"),
+            None,
+        )?;
         Ok(Self {
             gate,
             moe: FusedMoe::with_quant(cfg, vb, cfg.expert_method(), prepare_finalize)?,
@@ -403,11 +428,25 @@ impl SparseMoeBlock {
     }
 
     pub fn from_parts(gate: Linear, moe: FusedMoe) -> Self {
-        Self { gate, moe }
+        Self {
+            gate: QLinear::new(gate.weight().clone(), gate.bias().cloned()),
+            moe,
+        }
     }
 
     pub fn moe(&self) -> &FusedMoe {
         &self.moe
+    }
+
+    /// Bytes every token reads outside the routed experts: the router gate
+    /// and the shared expert.
+    pub fn dense_weight_bytes(&self) -> usize {
+        self.gate.weight_bytes()
+            + self
+                .moe
+                .shared
+                .as_ref()
+                .map_or(0, SharedExperts::weight_bytes)
     }
 }
 

@@ -262,7 +262,7 @@ fn expert_parallel_model_matches_transformers() {
                         let opts = LoadOptions {
                             expert_dtype: None,
                             ep: Some((EpConfig::new(ep, rank, PlacementStrategy::Linear), comm)),
-                            quant: None,
+                            ..Default::default()
                         };
                         let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
                         let m =

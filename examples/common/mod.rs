@@ -17,11 +17,23 @@ pub fn device(s: &str) -> Result<Device> {
     }
 }
 
-/// A local directory, or a hub repo downloaded into the hf-hub cache.
+/// A local directory, or a hub repo downloaded into the hf-hub cache. A
+/// path-like name (`./x`, `/x`, `~/x`, `x/y/z`) that is not a directory is an
+/// error, not a hub id.
 pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
     let p = Path::new(model);
     if p.is_dir() {
         return Ok(p.to_path_buf());
+    }
+    let path_like = model.starts_with('.')
+        || model.starts_with('/')
+        || model.starts_with('~')
+        || model.matches('/').count() != 1;
+    if p.exists() {
+        bail!("--model {model}: not a directory (expected a checkpoint directory or a hub id)");
+    }
+    if path_like {
+        bail!("--model {model}: the directory does not exist");
     }
     let api = hf_hub::api::sync::ApiBuilder::new()
         .with_progress(true)
@@ -59,6 +71,30 @@ pub fn resolve(model: &str, revision: &str) -> Result<PathBuf> {
     Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
+/// clap value parser: a float ≥ 0.
+pub fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` must be a number ≥ 0")),
+    }
+}
+
+/// clap value parser: a float in (0, 1].
+pub fn unit_interval(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("`{s}` must be in (0, 1]")),
+    }
+}
+
+/// clap value parser: a float > 0.
+pub fn positive_f32(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` must be a number > 0")),
+    }
+}
+
 /// Parses `f32|bf16|f16`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
     match s {
@@ -89,4 +125,45 @@ pub fn expert_dtype(
 pub fn quant_scheme(flag: Option<&str>) -> Result<Option<candle_moe::quant::QuantScheme>> {
     flag.map(|q| Ok(candle_moe::quant::QuantScheme::on_load(q)?))
         .transpose()
+}
+
+/// `n` pseudo-random values in `[-scale, scale)` (xorshift, per 64 Ki chunk).
+pub fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, ch)| {
+        let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for x in ch {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *x = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale;
+        }
+    });
+    v
+}
+
+/// Read bandwidth in GB/s: best of 5 multi-threaded sums over 1 GiB.
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let v = fill(1 << 28, 7, 1.0);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        // 32 independent lanes so the sum vectorises and is bound by memory, not adds
+        let s: f32 = v
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 32];
+                for x in c.chunks_exact(32) {
+                    acc.iter_mut().zip(x).for_each(|(a, x)| *a += x);
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((v.len() * 4) as f64 / dt / 1e9);
+    }
+    best
 }

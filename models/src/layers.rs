@@ -92,6 +92,14 @@ impl Attention {
         })
     }
 
+    /// Bytes of the projections' weights (and scales).
+    pub fn weight_bytes(&self) -> usize {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+            .map(QLinear::weight_bytes)
+            .iter()
+            .sum()
+    }
+
     /// `x` `[T, H]`, the batch's new tokens; writes their K/V into this
     /// layer's `cache` and attends over it.
     pub fn forward(
@@ -142,6 +150,15 @@ impl DenseMlp {
             up_proj: qlinear(hidden, intermediate, false, &vb.pp("up_proj"), quant)?,
             down_proj: qlinear(intermediate, hidden, false, &vb.pp("down_proj"), quant)?,
         })
+    }
+}
+
+impl DenseMlp {
+    pub fn weight_bytes(&self) -> usize {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+            .map(QLinear::weight_bytes)
+            .iter()
+            .sum()
     }
 }
 

@@ -63,6 +63,10 @@ pub struct LoadOptions {
     /// `Fp8::weight_only` for W8A16). `None`: the checkpoint's own
     /// `quantization_config`, if any.
     pub quant: Option<QuantScheme>,
+    /// Quantize every other float linear on load too (attention, dense and
+    /// shared MLPs, an untied `lm_head`; not the embeddings or the router):
+    /// an on-load scheme (`QuantScheme::on_load("fp8" | "mxfp4")`).
+    pub quant_dense: Option<QuantScheme>,
 }
 
 impl DecoderLayer {
@@ -73,7 +77,11 @@ impl DecoderLayer {
         i: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let quant = moe.quant.as_ref().filter(|q| !q.is_on_load());
+        let quant = moe
+            .quant
+            .as_ref()
+            .filter(|q| !q.is_on_load())
+            .or(opts.quant_dense.as_ref());
         let mlp = if cfg.is_moe_layer(i) {
             let block = match &opts.ep {
                 None => SparseMoeBlock::new(moe, vb.pp("mlp"))?,
@@ -190,6 +198,19 @@ impl QwenMoeForCausalLM {
             Some(q) => Some(q.clone()),
             None => cfg.quant_scheme()?,
         };
+        if let Some(q) = &opts.quant_dense {
+            if !q.is_on_load() {
+                return Err(ModelError::Config(
+                    "quant_dense takes an on-load scheme (fp8 or mxfp4)".into(),
+                ));
+            }
+            if cfg.quantization_config.is_some() {
+                return Err(ModelError::Config(
+                    "the checkpoint is already quantized; on-load quantization needs a float checkpoint".into(),
+                ));
+            }
+            moe.dense_quant = Some(q.clone());
+        }
         if let Some((ep, _)) = &opts.ep {
             moe.ep = ep.clone();
         }
@@ -199,7 +220,11 @@ impl QwenMoeForCausalLM {
         let lm_head = if cfg.tie_word_embeddings {
             QLinear::new(embed_tokens.embeddings().clone(), None)
         } else {
-            let q = moe.quant.as_ref().filter(|q| !q.is_on_load());
+            let q = moe
+                .quant
+                .as_ref()
+                .filter(|q| !q.is_on_load())
+                .or(opts.quant_dense.as_ref());
             qlinear(cfg.hidden_size, cfg.vocab_size, false, &vb.pp("lm_head"), q)?
         };
         let info = ModelInfo {
@@ -238,6 +263,32 @@ impl QwenMoeForCausalLM {
         self.moe_blocks()
             .map(|b| b.moe().kernel().experts().weight_bytes())
             .sum()
+    }
+
+    /// Bytes of weights a token reads outside the routed experts: every
+    /// linear (attention, dense MLPs, routers, shared experts, `lm_head`),
+    /// not the embeddings (one row per token).
+    pub fn dense_weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.self_attn.weight_bytes()
+                    + match &l.mlp {
+                        Mlp::Dense(m) => m.weight_bytes(),
+                        Mlp::Moe(b) => b.dense_weight_bytes(),
+                    }
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
+    /// Weight bytes one decode step of one sequence reads: the dense weights
+    /// and `top_k` of the `num_experts` experts of every MoE layer (on
+    /// average, for this rank's share).
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let e = self.cfg.num_experts.max(1);
+        self.dense_weight_bytes() + self.expert_weight_bytes() * self.cfg.num_experts_per_tok / e
     }
 
     pub fn config(&self) -> &QwenMoeConfig {

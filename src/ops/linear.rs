@@ -41,13 +41,7 @@ const ROW_CHUNK: usize = 96;
 type RowTileFn<'a> = dyn Fn(&[*const f32], usize, usize, &[*mut f32]) + Sync + 'a;
 
 /// Runs `tile(rows, n0, n1, out_rows)` over (row chunk × column tile).
-fn run_tiles(
-    a: &[f32],
-    k: usize,
-    n: usize,
-    row_bytes: usize,
-    tile: &RowTileFn<'_>,
-) -> Vec<f32> {
+fn run_tiles(a: &[f32], k: usize, n: usize, row_bytes: usize, tile: &RowTileFn<'_>) -> Vec<f32> {
     let m = a.len().checked_div(k).unwrap_or(0);
     let mut out = vec![0f32; m * n];
     if m == 0 || n == 0 {

@@ -4,8 +4,9 @@
 //! same kernels read the bytes and FP8 W8A8 schemes quantize the input per
 //! token group, as the checkpoint's runtime does.
 
+use super::fp8_codec::{quantize_fp8_block, SourcePrecision};
 use super::loading::{full_name, get_dtype};
-use super::mxfp4_codec::MX_GROUP;
+use super::mxfp4_codec::{quantize_mxfp4, MX_GROUP};
 use super::{Mxfp4, QuantScheme};
 use crate::error::{MoeError, Result};
 use crate::modular::ActQuant;
@@ -59,8 +60,18 @@ impl Module for QLinear {
     }
 }
 
+/// `weight` `[out, in]` as f32 values (for quantizing on load).
+fn read_f32(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> Result<Vec<f32>> {
+    Ok(get_dtype(vb, &[out_dim, in_dim], "weight", vb.dtype())?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
 /// Loads `vb` (`weight`, optional `bias`) as a `[out, in]` linear, reading
-/// FP8 or MXFP4 storage when the checkpoint has it and `scheme` says so.
+/// FP8 or MXFP4 storage when the checkpoint has it and `scheme` says so; an
+/// on-load scheme quantizes a float weight while loading (rounding in the
+/// VarBuilder's dtype).
 pub fn qlinear(
     in_dim: usize,
     out_dim: usize,
@@ -98,6 +109,35 @@ pub fn qlinear(
                 ));
             }
             let (q, s) = Mxfp4::read_proj(vb, out_dim, in_dim)?;
+            Some((
+                Tensor::from_vec(q, (out_dim, in_dim / 2), dev)?,
+                WeightQuant::Mxfp4 {
+                    scales: Tensor::from_vec(s, (1, out_dim, in_dim / MX_GROUP), dev)?,
+                },
+                None,
+            ))
+        }
+        Some(QuantScheme::Fp8(f)) if f.on_load => {
+            // llm-compressor's FP8_BLOCK: 128×128 weight blocks, dynamic
+            // activations per token and group of 128
+            let (bn, bk) = (128, 128);
+            let w = read_f32(vb, out_dim, in_dim)?;
+            let (q, s) =
+                quantize_fp8_block(&w, out_dim, in_dim, bn, bk, SourcePrecision::from_dtype(dt));
+            let (nb, kb) = (out_dim.div_ceil(bn), in_dim.div_ceil(bk));
+            Some((
+                Tensor::from_vec(q, (out_dim, in_dim), dev)?,
+                WeightQuant::Fp8 {
+                    scales: Tensor::from_vec(s, (1, nb, kb), dev)?,
+                    block: (bn, bk),
+                },
+                f.act_quant,
+            ))
+        }
+        // MXFP4A16; a linear whose input is not a multiple of 32 stays float
+        Some(QuantScheme::Mxfp4(m)) if m.on_load && in_dim.is_multiple_of(MX_GROUP) => {
+            let w = read_f32(vb, out_dim, in_dim)?;
+            let (q, s) = quantize_mxfp4(&w, out_dim, in_dim);
             Some((
                 Tensor::from_vec(q, (out_dim, in_dim / 2), dev)?,
                 WeightQuant::Mxfp4 {
