@@ -36,6 +36,18 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     }
     /// Whether `load16` returns the permuted order.
     const PERMUTED16: bool = false;
+    /// Runs a decode tile (≤ 3 rows) on a kernel specific to this element
+    /// type and CPU; false if there is none.
+    ///
+    /// # Safety
+    /// As [`gemm_tile`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn skinny_special(_t: &Tile<'_, Self>) -> bool
+    where
+        Self: Sized,
+    {
+        false
+    }
 }
 
 /// The element order `load16` uses for bf16: `[0..4, 8..12]`, `[4..8, 12..16]`.
@@ -98,6 +110,14 @@ impl WeightElem for bf16 {
         ]
     }
     const PERMUTED16: bool = true;
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn skinny_special(t: &Tile<'_, Self>) -> bool {
+        if super::gemm_bf16_avx512::available() {
+            super::gemm_bf16_avx512::skinny(t);
+            return true;
+        }
+        false
+    }
 }
 
 impl WeightElem for f16 {
@@ -156,6 +176,19 @@ pub struct Tile<'a, W> {
 /// writable f32 that no other thread touches, and `w` holds rows `n0..n1`.
 pub unsafe fn gemm_tile<W: WeightElem>(t: &Tile<'_, W>) {
     debug_assert!(t.w.len() >= t.n1 * t.k);
+    #[cfg(target_arch = "x86_64")]
+    if t.a.len() <= SKINNY_MAX_ROWS && W::skinny_special(t) {
+        return;
+    }
+    gemm_tile_avx2(t)
+}
+
+/// [`gemm_tile`] without the element-specific decode kernels (AVX2 or
+/// portable), for tests that compare the two.
+///
+/// # Safety
+/// As [`gemm_tile`].
+pub(crate) unsafe fn gemm_tile_avx2<W: WeightElem>(t: &Tile<'_, W>) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         if t.a.len() <= SKINNY_MAX_ROWS {

@@ -6,6 +6,8 @@ pub mod act_quant;
 pub mod activation;
 pub mod align;
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16_avx512;
 pub mod gemm_cpu;
 pub mod gemm_cuda;
 pub mod gemm_quant_cpu;
