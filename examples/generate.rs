@@ -23,8 +23,8 @@ use std::sync::Arc;
 mod common;
 use clap::Parser;
 use common::{
-    device, expert_dtype, non_negative, parse_dtype, positive_f32, quant_scheme, resolve,
-    unit_interval,
+    compute_dtype, device, expert_dtype, non_negative, parse_dtype, positive_f32, quant_scheme,
+    resolve, unit_interval,
 };
 
 const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-qwen2-moe");
@@ -63,7 +63,7 @@ struct Args {
     /// 1 = off; > 1 discourages tokens of the last 64.
     #[arg(long, default_value_t = 1.0, value_parser = positive_f32)]
     repeat_penalty: f32,
-    /// Compute dtype (f32|bf16|f16; default f32 on cpu, bf16 on cuda).
+    /// Compute dtype (f32|bf16|f16; default: bf16 for a bf16 checkpoint or on cuda, else f32).
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
     /// Experts' dtype (default: the checkpoint's bf16/f16 under f32 compute).
@@ -108,12 +108,8 @@ fn main() -> Result<()> {
         None => PathBuf::from(BUNDLED),
     };
     let dev = device(&args.device)?;
-    let dtype = args.dtype.unwrap_or(if dev.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    });
     let ck = Checkpoint::open(&dir)?;
+    let dtype = compute_dtype(args.dtype, ck.config.stored_dtype(), &dev);
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.is_file() {
         Some(

@@ -2,21 +2,21 @@
 //!
 //!     cargo run --release --example gsm8k -- --model DIR|HUB_ID [--data-dir DIR] [--limit N]
 //!         [--num-fewshot 5] [--batch-size 8] [--max-new-tokens 256] [--dtype f32|bf16]
-//!         [--expert-dtype f32|bf16]
-//!         [--device cpu|cuda[:N]] [--out results.json]
+//!         [--quant fp8|mxfp4] [--quant-dense fp8|mxfp4] [--device cpu|cuda[:N]]
+//!         [--out results.json]      (--help lists every option)
 //!
 //! Without `--data-dir`, openai/grade-school-math's test/train files are
 //! downloaded once into `~/.cache/candle-moe/gsm8k`.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::DType;
 use candle_moe_models::gsm8k::{evaluate, load_jsonl, EvalOptions, TextCodec};
 use candle_moe_models::{Checkpoint, LoadOptions, ModelError, QwenMoeForCausalLM};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 mod common;
-use common::{device, expert_dtype, parse_dtype, quant_scheme, resolve};
+use clap::Parser;
+use common::{compute_dtype, device, expert_dtype, parse_dtype, quant_scheme, resolve};
 
 const DATA_URL: &str =
     "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data";
@@ -63,89 +63,95 @@ fn data_dir(arg: Option<&str>) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// GSM8K accuracy of a Qwen-MoE checkpoint, the way vLLM's CI measures it.
+#[derive(Parser, Debug)]
+#[command(about)]
+struct Args {
+    /// Local checkpoint directory or hub id.
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Directory with test.jsonl / train.jsonl (default: downloaded once).
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Evaluate the first N test questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 5)]
+    num_fewshot: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Quantize a float checkpoint's experts while loading (fp8|mxfp4).
+    #[arg(long)]
+    quant: Option<String>,
+    /// Quantize every other linear but the embeddings and router too (fp8|mxfp4).
+    #[arg(long)]
+    quant_dense: Option<String>,
+    /// Compute dtype (default: bf16 for a bf16 checkpoint or on cuda, else f32).
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+    /// Experts' dtype (default: the checkpoint's bf16/f16 under f32 compute).
+    #[arg(long)]
+    expert_dtype: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Write every question's result as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut opt = std::collections::HashMap::new();
-    let mut i = 0;
-    while i < args.len() {
-        let k = args[i].as_str();
-        if !k.starts_with("--") {
-            bail!("unexpected argument {k}");
-        }
-        let v = args
-            .get(i + 1)
-            .ok_or_else(|| anyhow!("{k} needs a value"))?;
-        opt.insert(k.to_string(), v.clone());
-        i += 2;
-    }
-    let known = [
-        "--model",
-        "--revision",
-        "--data-dir",
-        "--limit",
-        "--num-fewshot",
-        "--batch-size",
-        "--max-new-tokens",
-        "--quant",
-        "--dtype",
-        "--expert-dtype",
-        "--device",
-        "--out",
-    ];
-    if let Some(k) = opt.keys().find(|k| !known.contains(&k.as_str())) {
-        bail!("unknown option {k} (known: {})", known.join(" "));
-    }
-    let get = |k: &str| opt.get(k).map(String::as_str);
-    let num = |k: &str, d: usize| -> Result<usize> {
-        get(k).map_or(Ok(d), |v| v.parse().with_context(|| k.to_string()))
-    };
-    let quant = quant_scheme(get("--quant"))?;
-    let model = get("--model").ok_or_else(|| anyhow!("--model is required"))?;
-    let dir = resolve(model, get("--revision").unwrap_or("main"))?;
-    let dev = device(get("--device").unwrap_or("cpu"))?;
-    let dtype = match get("--dtype") {
-        None => {
-            if dev.is_cpu() {
-                DType::F32
-            } else {
-                DType::BF16
-            }
-        }
-        Some(d) => parse_dtype(d)?,
-    };
-    let data = data_dir(get("--data-dir"))?;
+    let args = Args::parse();
+    let quant = quant_scheme(args.quant.as_deref())?;
+    let quant_dense = quant_scheme(args.quant_dense.as_deref())?;
+    let model = args.model.as_str();
+    let dir = resolve(model, &args.revision)?;
+    let dev = device(&args.device)?;
+    let data = data_dir(args.data_dir.as_deref())?;
     let train = load_jsonl(&data.join("train.jsonl"))?;
     let mut test = load_jsonl(&data.join("test.jsonl"))?;
-    if let Some(l) = get("--limit") {
-        test.truncate(l.parse().context("--limit")?);
+    if let Some(l) = args.limit {
+        test.truncate(l);
     }
     let ck = Checkpoint::open(&dir)?;
+    let dtype = compute_dtype(args.dtype, ck.config.stored_dtype(), &dev);
     let tok_path = dir.join("tokenizer.json");
     let codec = Codec(
         tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow!("{}: {e}", tok_path.display()))?,
     );
-    let edt = expert_dtype(get("--expert-dtype"), ck.config.stored_dtype(), dtype)?;
+    let edt = expert_dtype(
+        args.expert_dtype.as_deref(),
+        ck.config.stored_dtype(),
+        dtype,
+    )?;
     let opts = LoadOptions {
         expert_dtype: edt,
         quant,
+        quant_dense,
         ..Default::default()
     };
     let m = QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dtype, &dev)?, &opts)?;
     let opts = EvalOptions {
-        num_fewshot: num("--num-fewshot", 5)?,
-        batch_size: num("--batch-size", 8)?,
-        max_new_tokens: num("--max-new-tokens", 256)?,
+        num_fewshot: args.num_fewshot,
+        batch_size: args.batch_size as usize,
+        max_new_tokens: args.max_new_tokens,
         eos: ck.eos_token_ids.clone(),
         model_name: model.to_string(),
     };
-    let report = evaluate(&m, &codec, &train, &test, &opts, &mut |done, total| {
-        let w = 30;
-        let f = done * w / total.max(1);
-        eprint!("\r[{}{}] {done}/{total}", "#".repeat(f), " ".repeat(w - f));
-        let _ = std::io::stderr().flush();
+    let bar = indicatif::ProgressBar::new(test.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} questions, eta {eta}",
+        )?
+        .progress_chars("#>-"),
+    );
+    let report = evaluate(&m, &codec, &train, &test, &opts, &mut |done, _| {
+        bar.set_position(done as u64)
     })?;
-    eprintln!();
+    bar.finish();
     println!(
         "accuracy {:.4} ± {:.4}  invalid {:.4}  questions {}  wall {:.1}s  prompt {:.1} tok/s  generated {:.1} tok/s",
         report.accuracy,
@@ -156,9 +162,9 @@ fn main() -> Result<()> {
         report.prompt_tokens_per_s,
         report.generated_tokens_per_s
     );
-    if let Some(out) = get("--out") {
-        std::fs::write(Path::new(out), serde_json::to_string_pretty(&report)?)?;
-        eprintln!("wrote {out}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {}", out.display());
     }
     Ok(())
 }

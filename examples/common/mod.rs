@@ -105,6 +105,17 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// The compute dtype: the flag, else bf16 for a bf16 checkpoint (weights,
+/// KV cache and activations stay bf16; the kernels widen inside) or on
+/// cuda, else f32.
+pub fn compute_dtype(flag: Option<DType>, stored: Option<DType>, dev: &Device) -> DType {
+    flag.unwrap_or(if !dev.is_cpu() || stored == Some(DType::BF16) {
+        DType::BF16
+    } else {
+        DType::F32
+    })
+}
+
 /// Expert weights' dtype: the flag, else the checkpoint's stored bf16/f16
 /// when computing in f32 (widening is exact, and the experts stay half size).
 pub fn expert_dtype(
