@@ -161,17 +161,17 @@ fn routing_checks(gpu: &Device, r: &mut Report, rng: &mut Rng, quick: bool) -> R
                     Ok(t.to_device(&Device::Cpu)?.to_vec1::<u32>()?)
                 };
                 let mut bad = 0usize;
-                bad +=
-                    (v(&a_c.num_tokens_post_padded)? != v(&a_g.num_tokens_post_padded)?) as usize;
-                bad += (v(&a_c.expert_ids)? != v(&a_g.expert_ids)?) as usize;
-                bad += (v(&a_c.expert_num_tokens)? != v(&a_g.expert_num_tokens)?) as usize;
+                bad += (v(&a_c.num_tokens_post_padded()?)? != v(&a_g.num_tokens_post_padded()?)?)
+                    as usize;
+                bad += (v(&a_c.expert_ids()?)? != v(&a_g.expert_ids()?)?) as usize;
+                bad += (v(&a_c.expert_num_tokens()?)? != v(&a_g.expert_num_tokens()?)?) as usize;
                 // rows may be ordered differently inside an expert's run: compare per block as sets
-                let (sc, sg) = (v(&a_c.sorted_token_ids)?, v(&a_g.sorted_token_ids)?);
-                let post = v(&a_c.num_tokens_post_padded)?[0] as usize;
+                let (sc, sg) = (v(&a_c.sorted_token_ids()?)?, v(&a_g.sorted_token_ids()?)?);
+                let post = v(&a_c.num_tokens_post_padded()?)?[0] as usize;
                 let mut xc = sc[..post].to_vec();
                 let mut xg = sg[..post].to_vec();
                 // runs of one expert are contiguous: sort within each run of equal expert ids
-                let eids = v(&a_c.expert_ids)?;
+                let eids = v(&a_c.expert_ids()?)?;
                 let mut b0 = 0;
                 while b0 < post / 16 {
                     let mut b1 = b0 + 1;

@@ -24,10 +24,14 @@ fn check(rng: &mut Rng, t: usize, e: usize, k: usize, bs: usize, map: Option<Vec
         .as_ref()
         .map(|m| Tensor::new(m.as_slice(), &Device::Cpu).unwrap());
     let r = moe_align_block_size(&ids_t, bs, e, num_local, map_t.as_ref()).unwrap();
-    let sorted: Vec<u32> = r.sorted_token_ids.to_vec1().unwrap();
-    let experts: Vec<u32> = r.expert_ids.to_vec1().unwrap();
-    let post: u32 = r.num_tokens_post_padded.to_vec1::<u32>().unwrap()[0];
-    let counts: Vec<u32> = r.expert_num_tokens.to_vec1().unwrap();
+    let sorted: Vec<u32> = r.sorted_token_ids().unwrap().to_vec1().unwrap();
+    let experts: Vec<u32> = r.expert_ids().unwrap().to_vec1().unwrap();
+    let post: u32 = r
+        .num_tokens_post_padded()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap()[0];
+    let counts: Vec<u32> = r.expert_num_tokens().unwrap().to_vec1().unwrap();
     let numel = t * k;
 
     // padded total: every expert's run rounded up to the block

@@ -101,7 +101,7 @@ fn run_world(
     tokens: &[usize],
     shared: Option<usize>,
 ) {
-    run_world_with(
+    let err = run_world_with(
         e,
         top_k,
         ep,
@@ -110,7 +110,9 @@ fn run_world(
         shared,
         Arc::new(Unquantized),
         None,
-    )
+        false,
+    );
+    assert!(err <= 1e-5, "E={e} ep={ep} {strategy}: rel err {err}");
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -123,7 +125,8 @@ fn run_world_with(
     shared: Option<usize>,
     method: Arc<dyn QuantMethod>,
     quant: Option<QuantScheme>,
-) {
+    local_ids: bool,
+) -> f32 {
     let (h, i) = (48, 24);
     let mut rng = Rng::new((e * 100 + ep * 10 + tokens.len()) as u64);
     let ckpt = checkpoint(&mut rng, e, h, i, shared);
@@ -162,7 +165,11 @@ fn run_world_with(
                 let (x, l) = inputs[rank].clone();
                 let method = method.clone();
                 s.spawn(move || {
-                    let pf = Arc::new(NaiveEpPrepareAndFinalize::new(Arc::new(comm)));
+                    let pf = Arc::new(if local_ids {
+                        NaiveEpPrepareAndFinalize::with_local_ids(Arc::new(comm))
+                    } else {
+                        NaiveEpPrepareAndFinalize::new(Arc::new(comm))
+                    });
                     let vb = VarBuilder::from_tensors(ckpt, DType::F32, &Device::Cpu);
                     let moe = FusedMoe::with_quant(&cfg, vb, method, pf).unwrap();
                     assert_eq!(moe.expert_map_manager().placement_strategy(), strategy);
@@ -174,7 +181,8 @@ fn run_world_with(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let mut bytes = 0;
-    for (rank, ((y, b), (x, l))) in outs.iter().zip(&inputs).enumerate() {
+    let mut worst = 0f32;
+    for ((y, b), (x, l)) in outs.iter().zip(&inputs) {
         bytes += b;
         let want = single.forward(x, l).unwrap();
         assert_eq!(y.dims(), want.dims());
@@ -184,13 +192,11 @@ fn run_world_with(
             continue;
         }
         let (err, mag) = max_err(&got, &want);
-        assert!(
-            err <= 1e-5 * mag,
-            "E={e} ep={ep} {strategy} rank {rank}: err {err} vs {mag}"
-        );
+        worst = worst.max(err / mag);
     }
     // each rank holds ~1/ep of the experts, and together each expert once
     assert_eq!(bytes, single.kernel().experts().weight_bytes());
+    worst
 }
 
 #[test]
@@ -330,9 +336,10 @@ fn a_failed_rank_poisons_the_world_instead_of_hanging() {
     assert_eq!(errs, vec![true, true, true]);
 }
 
-/// An experts implementation that ignores the expert map (plain candle ops,
-/// `supports_expert_map() == false`) behind the naive EP dispatch: the kernel
-/// localises the routed ids, and every rank still gets the single-rank output.
+/// An experts implementation that ignores the expert map (plain candle ops)
+/// behind the naive EP dispatch that delivers local ids: every rank gets the
+/// single-rank output. Behind the global-id dispatch the same experts are
+/// wrong (they would need the map), so the test sees where the ids come from.
 #[test]
 fn experts_that_ignore_the_expert_map() {
     for (e, ep, s) in [
@@ -342,7 +349,28 @@ fn experts_that_ignore_the_expert_map() {
         (60, 4, PlacementStrategy::RoundRobin),
     ] {
         let tokens: Vec<usize> = (0..ep).map(|r| [5, 0, 13, 2][r % 4]).collect();
-        run_world_with(e, 4, ep, s, &tokens, Some(16), Arc::new(MapIgnoring), None);
+        let run = |local| {
+            run_world_with(
+                e,
+                4,
+                ep,
+                s,
+                &tokens,
+                Some(16),
+                Arc::new(MapIgnoring),
+                None,
+                local,
+            )
+        };
+        let err = run(true);
+        assert!(err <= 1e-5, "E={e} ep={ep} {s}: rel err {err}");
+        // global ids reach the experts: an error (an id past the local
+        // experts) or a wrong output, never the single-rank one
+        let wrong = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(false)));
+        assert!(
+            wrong.map_or(true, |err| err > 1e-2),
+            "E={e} ep={ep} {s}: global ids must not work for map-ignoring experts"
+        );
     }
 }
 
@@ -356,6 +384,17 @@ fn fp8_experts_over_ranks() {
     ] {
         let q = QuantScheme::on_load("fp8").unwrap();
         let tokens: Vec<usize> = (0..ep).map(|r| [7, 3, 0, 11][r % 4]).collect();
-        run_world_with(e, 4, ep, s, &tokens, None, q.expert_method(), Some(q));
+        let err = run_world_with(
+            e,
+            4,
+            ep,
+            s,
+            &tokens,
+            None,
+            q.expert_method(),
+            Some(q),
+            false,
+        );
+        assert!(err <= 1e-5, "E={e} ep={ep} {s}: rel err {err}");
     }
 }

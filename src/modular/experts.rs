@@ -1,8 +1,6 @@
 //! The expert compute of the modular kernel.
 
 use super::metadata::ExpertTokensMetadata;
-use super::prepare_finalize::ActivationFormat;
-use super::weight_reduce::TopKWeightAndReduce;
 use crate::ops::{
     act_and_mul, align_block_size, grouped_gemm, moe_align_block_size, Activation, CudaGemmKernel,
     GroupedGemmArgs, WeightQuant,
@@ -20,21 +18,10 @@ pub struct ProblemSize {
     pub top_k: usize,
 }
 
-/// Shapes of the scratch buffers and of the output of `apply`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkspaceShapes {
-    /// First GEMM output (reused for the second GEMM's output).
-    pub workspace13: Vec<usize>,
-    /// Activation output.
-    pub workspace2: Vec<usize>,
-    pub output: Vec<usize>,
-}
-
 /// Everything `apply` may use. An implementation that cannot use the expert
 /// map just ignores it.
 pub struct ExpertApplyArgs<'a> {
     pub hidden_states: &'a Tensor,
-    pub a1q_scale: Option<&'a Tensor>,
     pub topk_weights: &'a Tensor,
     pub topk_ids: &'a Tensor,
     pub global_num_experts: usize,
@@ -51,25 +38,15 @@ pub struct ExpertsOutput {
 
 pub trait Experts: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
-    fn activation_format(&self) -> ActivationFormat;
-    /// Whether `apply` honours `expert_map` (global ids in, non-local slots
-    /// skipped). When false, the kernel hands it local ids instead: non-local
-    /// slots become local expert 0 with routing weight 0.
-    fn supports_expert_map(&self) -> bool {
-        true
-    }
     fn local_num_experts(&self) -> usize;
     /// Bytes of expert weights this implementation holds (what a decode step
     /// may have to stream, and what expert parallelism divides).
     fn weight_bytes(&self) -> usize;
     fn problem_size(&self, a1: &Tensor, topk_ids: &Tensor) -> Result<ProblemSize>;
-    fn workspace_shapes(
-        &self,
-        p: &ProblemSize,
-        meta: Option<&ExpertTokensMetadata>,
-    ) -> WorkspaceShapes;
-    /// The reduction `finalize` must apply to the output of `apply`.
-    fn finalize_weight_and_reduce(&self) -> TopKWeightAndReduce;
+    /// The expert output `[T, k, H]`, unweighted: `finalize` applies the
+    /// routing weights and sums over k. An implementation that cannot use
+    /// `args.expert_map` ignores it; under expert parallelism the dispatch
+    /// then has to deliver local ids.
     fn apply(&self, args: &ExpertApplyArgs<'_>) -> Result<ExpertsOutput>;
 }
 
@@ -163,9 +140,6 @@ impl Experts for GroupedGemmExperts {
             (Some(WeightQuant::Mxfp4 { .. }), _) => "grouped-gemm-mxfp4-w4a16",
         }
     }
-    fn activation_format(&self) -> ActivationFormat {
-        ActivationFormat::Standard
-    }
     fn local_num_experts(&self) -> usize {
         self.w13.dims()[0]
     }
@@ -202,21 +176,6 @@ impl Experts for GroupedGemmExperts {
             top_k,
         })
     }
-    fn workspace_shapes(
-        &self,
-        p: &ProblemSize,
-        _meta: Option<&ExpertTokensMetadata>,
-    ) -> WorkspaceShapes {
-        let rows = p.m * p.top_k;
-        WorkspaceShapes {
-            workspace13: vec![rows, p.n.max(p.k)],
-            workspace2: vec![rows, p.n / 2],
-            output: vec![p.m, p.top_k, p.k],
-        }
-    }
-    fn finalize_weight_and_reduce(&self) -> TopKWeightAndReduce {
-        TopKWeightAndReduce::Contiguous
-    }
     fn apply(&self, args: &ExpertApplyArgs<'_>) -> Result<ExpertsOutput> {
         let p = self.problem_size(args.hidden_states, args.topk_ids)?;
         let block_size = align_block_size(
@@ -234,7 +193,7 @@ impl Experts for GroupedGemmExperts {
         )?;
         let meta = match args.expert_tokens_meta {
             Some(m) => m.clone(),
-            None => ExpertTokensMetadata::from_device(routing.expert_num_tokens.clone())?,
+            None => ExpertTokensMetadata::from_device(routing.expert_num_tokens()?)?,
         };
         let c1 = grouped_gemm(
             args.hidden_states,

@@ -10,13 +10,9 @@ pub mod prepare_finalize;
 pub mod reference_experts;
 pub mod weight_reduce;
 
-pub use experts::{
-    ActQuant, ExpertApplyArgs, Experts, GroupedGemmExperts, ProblemSize, WorkspaceShapes,
-};
-pub use kernel::{localize_topk, FusedMoeKernel};
+pub use experts::{ActQuant, ExpertApplyArgs, Experts, GroupedGemmExperts, ProblemSize};
+pub use kernel::FusedMoeKernel;
 pub use metadata::ExpertTokensMetadata;
-pub use prepare_finalize::{
-    ActivationFormat, LocalPrepareAndFinalize, PrepareAndFinalize, Prepared,
-};
+pub use prepare_finalize::{LocalPrepareAndFinalize, PrepareAndFinalize, Prepared};
 pub use reference_experts::ReferenceExperts;
-pub use weight_reduce::TopKWeightAndReduce;
+pub use weight_reduce::weight_and_reduce;

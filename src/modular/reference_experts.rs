@@ -1,14 +1,12 @@
 //! Experts written with plain candle ops (`index_select`, `matmul`,
-//! `index_add`). It never reads an expert map, so it checks that the modular
-//! kernel localises routing for implementations that cannot (vLLM's
-//! `supports_expert_map() == False` experts); and since it uses no custom op it
-//! runs on any device candle supports. It groups rows on the host: a
-//! reference, not a fast path.
+//! `index_add`). It ignores any expert map (vLLM PR #43108: experts that
+//! cannot use a map ignore it), so under expert parallelism it needs a
+//! dispatch that delivers local ids; and since it uses no custom op it runs on
+//! any device candle supports. It groups rows on the host: a reference, not a
+//! fast path.
 
-use super::experts::{ExpertApplyArgs, Experts, ExpertsOutput, ProblemSize, WorkspaceShapes};
+use super::experts::{ExpertApplyArgs, Experts, ExpertsOutput, ProblemSize};
 use super::metadata::ExpertTokensMetadata;
-use super::prepare_finalize::ActivationFormat;
-use super::weight_reduce::TopKWeightAndReduce;
 use crate::ops::Activation;
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -52,12 +50,6 @@ impl Experts for ReferenceExperts {
     fn name(&self) -> &'static str {
         "reference-candle-ops"
     }
-    fn activation_format(&self) -> ActivationFormat {
-        ActivationFormat::Standard
-    }
-    fn supports_expert_map(&self) -> bool {
-        false
-    }
     fn local_num_experts(&self) -> usize {
         self.w13.dims()[0]
     }
@@ -81,20 +73,6 @@ impl Experts for ReferenceExperts {
             k,
             top_k,
         })
-    }
-    fn workspace_shapes(
-        &self,
-        p: &ProblemSize,
-        _: Option<&ExpertTokensMetadata>,
-    ) -> WorkspaceShapes {
-        WorkspaceShapes {
-            workspace13: vec![p.m * p.top_k, p.n],
-            workspace2: vec![p.m * p.top_k, p.n / 2],
-            output: vec![p.m, p.top_k, p.k],
-        }
-    }
-    fn finalize_weight_and_reduce(&self) -> TopKWeightAndReduce {
-        TopKWeightAndReduce::Contiguous
     }
     fn apply(&self, args: &ExpertApplyArgs<'_>) -> Result<ExpertsOutput> {
         let p = self.problem_size(args.hidden_states, args.topk_ids)?;

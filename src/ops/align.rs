@@ -27,25 +27,29 @@ pub struct AlignLayout {
 }
 
 impl AlignLayout {
+    /// The layout of `numel` rows in blocks of `block_size` (> 0).
     pub fn new(
         numel: usize,
         block_size: usize,
         num_experts: usize,
         num_local_experts: usize,
-    ) -> Self {
+    ) -> Result<Self> {
+        if block_size == 0 {
+            bail!("align: block_size must be positive")
+        }
         let mut max_padded = numel + num_experts * (block_size - 1);
         if numel < num_experts {
             // at most `numel` experts are used, each padded to one block at most
             max_padded = max_padded.min(numel * block_size);
         }
-        Self {
+        Ok(Self {
             block_size,
             num_experts,
             num_local_experts,
             numel,
             max_num_tokens_padded: max_padded,
             max_num_blocks: max_padded.div_ceil(block_size),
-        }
+        })
     }
     pub fn expert_ids_offset(&self) -> usize {
         self.max_num_tokens_padded
@@ -257,20 +261,52 @@ impl CustomOp2 for MoeAlign {
     }
 }
 
-/// Result of [`moe_align_block_size`]: views into one device buffer.
+/// Result of [`moe_align_block_size`]: views into one device buffer. Only
+/// the align op builds one, so the grouped GEMM's row lists come from it (the
+/// CPU GEMM still checks them: rows in bounds, each at most once).
 #[derive(Clone, Debug)]
 pub struct AlignedRouting {
-    pub layout: AlignLayout,
-    pub top_k: usize,
+    layout: AlignLayout,
+    top_k: usize,
+    buffer: Tensor,
+}
+
+impl AlignedRouting {
+    pub fn layout(&self) -> &AlignLayout {
+        &self.layout
+    }
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
     /// The whole buffer (what the grouped GEMM reads).
-    pub buffer: Tensor,
-    pub sorted_token_ids: Tensor,
+    pub fn buffer(&self) -> &Tensor {
+        &self.buffer
+    }
+    /// `[max_num_tokens_padded]`: (token, slot) rows sorted by expert,
+    /// padding = `numel`.
+    pub fn sorted_token_ids(&self) -> Result<Tensor> {
+        self.buffer.narrow(0, 0, self.layout.max_num_tokens_padded)
+    }
     /// Local expert per block; `u32::MAX` (-1) for non-local experts.
-    pub expert_ids: Tensor,
+    pub fn expert_ids(&self) -> Result<Tensor> {
+        self.buffer.narrow(
+            0,
+            self.layout.expert_ids_offset(),
+            self.layout.max_num_blocks,
+        )
+    }
     /// `[1]`: number of valid entries of `sorted_token_ids`.
-    pub num_tokens_post_padded: Tensor,
+    pub fn num_tokens_post_padded(&self) -> Result<Tensor> {
+        self.buffer.narrow(0, self.layout.post_pad_offset(), 1)
+    }
     /// `[E_local]`: routed (token, slot) pairs per local expert.
-    pub expert_num_tokens: Tensor,
+    pub fn expert_num_tokens(&self) -> Result<Tensor> {
+        self.buffer.narrow(
+            0,
+            self.layout.counts_offset(),
+            self.layout.num_local_experts,
+        )
+    }
 }
 
 /// Sorts `topk_ids` (`[T, k]`, U32) by expert; `expert_map` (`[E]`, I32) maps
@@ -294,7 +330,7 @@ pub fn moe_align_block_size(
         block_size,
         num_experts,
         num_local_experts,
-    );
+    )?;
     let op = MoeAlign { layout };
     let buffer = match expert_map {
         None => topk_ids.apply_op1_no_bwd(&op)?,
@@ -308,10 +344,6 @@ pub fn moe_align_block_size(
     Ok(AlignedRouting {
         layout,
         top_k,
-        sorted_token_ids: buffer.narrow(0, 0, layout.max_num_tokens_padded)?,
-        expert_ids: buffer.narrow(0, layout.expert_ids_offset(), layout.max_num_blocks)?,
-        num_tokens_post_padded: buffer.narrow(0, layout.post_pad_offset(), 1)?,
-        expert_num_tokens: buffer.narrow(0, layout.counts_offset(), num_local_experts)?,
         buffer,
     })
 }

@@ -115,13 +115,17 @@ fn segments(
             }),
         }
     }
+    // output rows are written from parallel tasks: each must be in bounds
+    // and appear once
+    let mut seen = vec![false; l.numel];
     for seg in &segs {
-        if let Some(&s) = seg
-            .rows
-            .iter()
-            .find(|&&s| s as usize / row_div >= num_a_rows)
-        {
-            bail!("grouped gemm: sorted row {s} has no activation row ({num_a_rows} rows, row_div {row_div})")
+        for &s in &seg.rows {
+            if s as usize / row_div >= num_a_rows {
+                bail!("grouped gemm: sorted row {s} has no activation row ({num_a_rows} rows, row_div {row_div})")
+            }
+            if std::mem::replace(&mut seen[s as usize], true) {
+                bail!("grouped gemm: corrupt routing (row {s} appears twice)")
+            }
         }
     }
     segs.retain(|s| !s.rows.is_empty());
@@ -431,7 +435,7 @@ impl CustomOp3 for GroupedGemm {
         sr: &candle_core::CudaStorage,
         lr: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, k) = la.shape().dims2()?;
+        let (rows, k) = la.shape().dims2()?;
         let (e_local, n, kw) = lw.shape().dims3()?;
         let k_w = self.args.quant.as_ref().map_or(kw, |q| q.k_of(kw));
         if k != k_w {
@@ -439,6 +443,16 @@ impl CustomOp3 for GroupedGemm {
         }
         if lr.shape().elem_count() != self.layout.len() {
             bail!("grouped gemm: routing buffer does not match its layout")
+        }
+        // the kernels read activation row s / row_div for every sorted row
+        // s < numel: the activations must have them all
+        if self.layout.numel > rows * self.args.row_div.max(1) {
+            bail!(
+                "grouped gemm: {} routed rows need {} activation rows (row_div {}), got {rows}",
+                self.layout.numel,
+                self.layout.numel.div_ceil(self.args.row_div.max(1)),
+                self.args.row_div
+            )
         }
         let (out, _kernel) = super::gemm_cuda::run(
             &self.layout,
@@ -464,8 +478,8 @@ pub fn grouped_gemm(
     args: GroupedGemmArgs,
 ) -> Result<Tensor> {
     let op = GroupedGemm {
-        layout: routing.layout,
+        layout: *routing.layout(),
         args,
     };
-    a.apply_op3_no_bwd(w, &routing.buffer, &op)
+    a.apply_op3_no_bwd(w, routing.buffer(), &op)
 }

@@ -8,9 +8,9 @@ pub mod align;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16_avx512;
-pub mod gemm_cpu;
+pub(crate) mod gemm_cpu;
 pub mod gemm_cuda;
-pub mod gemm_quant_cpu;
+pub(crate) mod gemm_quant_cpu;
 pub mod grouped_gemm;
 pub mod linear;
 pub mod reduce;
