@@ -64,7 +64,7 @@ impl Checkpoint {
         let mut eos_token_ids = if gen.exists() {
             let v: serde_json::Value =
                 serde_json::from_str(&read(&gen)?).map_err(|e| ModelError::file(&gen, e))?;
-            token_ids(v.get("eos_token_id"))
+            token_ids(&v, "eos_token_id").map_err(|e| ModelError::file(&gen, e))?
         } else {
             vec![]
         };

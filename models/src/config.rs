@@ -51,10 +51,28 @@ fn req_usize(v: &Value, key: &str) -> Result<usize> {
         None | Some(Value::Null) => {
             Err(ModelError::Config(format!("missing required key `{key}`")))
         }
-        Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
-            ModelError::Config(format!("`{key}` must be a non-negative integer, got {x}"))
-        }),
+        Some(x) => match x.as_u64() {
+            // sizes index tensors with 32-bit ids on some paths
+            Some(n) if n <= i32::MAX as u64 => Ok(n as usize),
+            Some(n) => Err(ModelError::Config(format!(
+                "`{key}` = {n} is out of range (at most {})",
+                i32::MAX
+            ))),
+            None => Err(ModelError::Config(format!(
+                "`{key}` must be a non-negative integer, got {x}"
+            ))),
+        },
     }
+}
+
+/// `key`'s value must lie in `lo..=hi`.
+fn check_range(key: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+    if v < lo || v > hi {
+        return Err(ModelError::Config(format!(
+            "`{key}` = {v} is out of range ({lo}..={hi})"
+        )));
+    }
+    Ok(())
 }
 
 fn opt_usize(v: &Value, key: &str) -> Result<Option<usize>> {
@@ -84,17 +102,46 @@ fn opt_bool(v: &Value, key: &str) -> Result<Option<bool>> {
     }
 }
 
-/// `eos_token_id` may be one id or a list.
-pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => vec![],
+/// `key` (`eos_token_id`, `bos_token_id`): one id, a list, or null; ids
+/// must fit u32.
+pub(crate) fn token_ids(v: &Value, key: &str) -> Result<Vec<u32>> {
+    let one = |x: &Value| -> Result<u32> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| ModelError::Config(format!("`{key}`: {x} is not a token id (0..2^32)")))
+    };
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().map(one).collect(),
+        Some(x) => Ok(vec![one(x)?]),
     }
+}
+
+/// Keys whose meaning this loader does not implement: their presence with a
+/// non-default value is an error naming the key, never silently ignored.
+fn reject_unsupported(v: &Value) -> Result<()> {
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(r) = v.get(key).filter(|r| !r.is_null()) else {
+            continue;
+        };
+        let t = r.get("rope_type").or_else(|| r.get("type"));
+        match t {
+            Some(Value::String(t)) if t == "default" => {}
+            // 5.x rope_parameters without a type: the default
+            None if key == "rope_parameters" => {}
+            _ => {
+                return Err(ModelError::Config(format!(
+                    "`{key}` = {r}: only the default RoPE is supported (linear / dynamic / yarn scaling are not yet)"
+                )))
+            }
+        }
+    }
+    if opt_bool(v, "use_sliding_window")? == Some(true) {
+        return Err(ModelError::Config(
+            "`use_sliding_window` = true is not supported: attention here is full".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl QwenMoeConfig {
@@ -120,6 +167,7 @@ impl QwenMoeConfig {
                 )))
             }
         };
+        reject_unsupported(v)?;
         let hidden_size = req_usize(v, "hidden_size")?;
         let num_attention_heads = req_usize(v, "num_attention_heads")?;
         if num_attention_heads == 0 {
@@ -200,8 +248,8 @@ impl QwenMoeConfig {
             norm_topk_prob: opt_bool(v, "norm_topk_prob")?.unwrap_or(false),
             decoder_sparse_step: opt_usize(v, "decoder_sparse_step")?.unwrap_or(1).max(1),
             mlp_only_layers,
-            eos_token_ids: token_ids(v.get("eos_token_id")),
-            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
+            eos_token_ids: token_ids(v, "eos_token_id")?,
+            bos_token_id: token_ids(v, "bos_token_id")?.first().copied(),
             dtype: v
                 .get("dtype")
                 .or_else(|| v.get("torch_dtype"))
@@ -215,6 +263,51 @@ impl QwenMoeConfig {
                 ),
             },
         };
+        check_range("hidden_size", cfg.hidden_size, 1, 1 << 20)?;
+        check_range("head_dim", cfg.head_dim, 1, 1 << 12)?;
+        check_range("vocab_size", cfg.vocab_size, 1, 1 << 24)?;
+        check_range("num_hidden_layers", cfg.num_hidden_layers, 1, 1 << 12)?;
+        check_range("num_attention_heads", cfg.num_attention_heads, 1, 1 << 12)?;
+        check_range(
+            "max_position_embeddings",
+            cfg.max_position_embeddings,
+            1,
+            1 << 24,
+        )?;
+        check_range("num_experts", cfg.num_experts, 0, 1 << 16)?;
+        check_range(
+            "moe_intermediate_size",
+            cfg.moe_intermediate_size,
+            1,
+            1 << 20,
+        )?;
+        check_range("intermediate_size", cfg.intermediate_size, 0, 1 << 20)?;
+        check_range(
+            "shared_expert_intermediate_size",
+            cfg.shared_expert_intermediate_size,
+            0,
+            1 << 20,
+        )?;
+        if cfg.num_experts > 0 {
+            check_range(
+                "num_experts_per_tok",
+                cfg.num_experts_per_tok,
+                1,
+                cfg.num_experts,
+            )?;
+        }
+        if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps >= 0.0) {
+            return Err(ModelError::Config(format!(
+                "`rms_norm_eps` = {} must be a finite non-negative number",
+                cfg.rms_norm_eps
+            )));
+        }
+        if !(cfg.rope_theta.is_finite() && cfg.rope_theta > 0.0) {
+            return Err(ModelError::Config(format!(
+                "`rope_theta` = {} must be a finite positive number",
+                cfg.rope_theta
+            )));
+        }
         Ok(cfg)
     }
 

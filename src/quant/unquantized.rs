@@ -42,6 +42,23 @@ impl Unquantized {
         local_ids: &[usize],
     ) -> Result<(Tensor, Tensor, Option<Tensor>, Option<Tensor>)> {
         let (h, i, e) = (s.hidden_size, s.intermediate_size, local_ids.len());
+        // every expert is there, and the first one has the configured shape,
+        // before the stack is allocated from the config's sizes
+        for &g in local_ids {
+            let ve = vb.pp(g);
+            for p in ["gate_proj", "up_proj", "down_proj"] {
+                if !ve.pp(p).contains_tensor("weight") {
+                    return Err(MoeError::weight(
+                        format!("{}.{p}.weight", ve.prefix()),
+                        "missing from the checkpoint",
+                    ));
+                }
+            }
+        }
+        if let Some(&g) = local_ids.first() {
+            get(&vb.pp(g).pp("gate_proj"), &[i, h], "weight")?;
+            get(&vb.pp(g).pp("down_proj"), &[h, i], "weight")?;
+        }
         let w13 = Stacker::new(e, &[2 * i, h], vb)?;
         let w2 = Stacker::new(e, &[h, i], vb)?;
         let b13 = if s.has_bias {
