@@ -89,24 +89,16 @@ fn dense<W: WeightElem>(a: &[f32], k: usize, w: &[W], n: usize) -> Vec<f32> {
     })
 }
 
-impl CustomOp2 for DenseLinear {
-    fn name(&self) -> &'static str {
-        "moe-dense-linear"
-    }
-
-    fn cpu_fwd(
+impl DenseLinear {
+    /// The f32-activation path: every weight format, any row count.
+    fn f32_input(
         &self,
         sx: &CpuStorage,
         lx: &Layout,
         sw: &CpuStorage,
         lw: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = lx.shape().dims2()?;
-        let (n, kw) = lw.shape().dims2()?;
-        let k_w = self.args.quant.as_ref().map_or(kw, |q| q.k_of(kw));
-        if k != k_w {
-            bail!("linear: input has K = {k}, weight [{n}, {kw}] holds K = {k_w}")
-        }
+        (_m, n, k): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
         let mut a = to_f32_cow(sx, lx, "linear input")?;
         if let Some(group) = self.args.act_quant_group {
             if group == 0 {
@@ -118,7 +110,7 @@ impl CustomOp2 for DenseLinear {
                     .for_each(|row| fake_quant_fp8_groups(row, group));
             }
         }
-        let mut out = match &self.args.quant {
+        Ok(match &self.args.quant {
             Some(quant) => {
                 let w = packed_bytes(sw, lw)?;
                 let st = quant.scales().storage_and_layout();
@@ -147,6 +139,77 @@ impl CustomOp2 for DenseLinear {
                 DType::F16 => dense(&a, k, contiguous::<f16>(sw, lw, "linear weight")?, n),
                 dt => bail!("linear: unsupported weight dtype {dt:?}"),
             },
+        })
+    }
+}
+
+/// bf16 × bf16 prefill on AVX-512 BF16: rayon over (row chunk × 128-column
+/// tile), each tile packed once per row chunk.
+#[cfg(target_arch = "x86_64")]
+fn bf16_prefill(x: &[bf16], w: &[bf16], (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let nb = 4 * super::gemm_bf16_packed::STRIP;
+    let items: Vec<(usize, usize)> = (0..m)
+        .step_by(ROW_CHUNK)
+        .flat_map(|r0| (0..n).step_by(nb).map(move |n0| (r0, n0)))
+        .collect();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    items.into_par_iter().for_each(|(r0, n0)| {
+        let (r1, n1) = ((r0 + ROW_CHUNK).min(m), (n0 + nb).min(n));
+        let ap: Vec<*const bf16> = (r0..r1).map(|r| x[r * k..].as_ptr()).collect();
+        // SAFETY: disjoint in-bounds output regions per item (as run_tiles);
+        // rows are k bf16 with k even (checked by the caller); the caller
+        // checked the CPU features.
+        let cp: Vec<*mut f32> = (r0..r1)
+            .map(|r| unsafe { out_ptr.get().add(r * n + n0) })
+            .collect();
+        unsafe { super::gemm_bf16_packed::gemm(&ap, w, (n, k), (n0, n1), &cp) }
+    });
+    out
+}
+
+/// Unused off x86-64 (the caller never takes the path).
+#[cfg(not(target_arch = "x86_64"))]
+fn bf16_prefill(_: &[bf16], _: &[bf16], (m, n, _): (usize, usize, usize)) -> Vec<f32> {
+    vec![0f32; m * n]
+}
+
+impl CustomOp2 for DenseLinear {
+    fn name(&self) -> &'static str {
+        "moe-dense-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, kw) = lw.shape().dims2()?;
+        let k_w = self.args.quant.as_ref().map_or(kw, |q| q.k_of(kw));
+        if k != k_w {
+            bail!("linear: input has K = {k}, weight [{n}, {kw}] holds K = {k_w}")
+        }
+        #[cfg(target_arch = "x86_64")]
+        let packed_bf16 = self.args.quant.is_none()
+            && self.args.act_quant_group.is_none()
+            && sx.dtype() == DType::BF16
+            && sw.dtype() == DType::BF16
+            && m > SKINNY_MAX_ROWS
+            && k % 2 == 0
+            && super::gemm_bf16_avx512::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let packed_bf16 = false;
+        let mut out = if packed_bf16 {
+            bf16_prefill(
+                contiguous::<bf16>(sx, lx, "linear input")?,
+                contiguous::<bf16>(sw, lw, "linear weight")?,
+                (m, n, k),
+            )
+        } else {
+            self.f32_input(sx, lx, sw, lw, (m, n, k))?
         };
         if let Some(b) = &self.args.bias {
             if b.elem_count() != n {

@@ -8,6 +8,8 @@ pub mod align;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16_avx512;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16_packed;
 pub(crate) mod gemm_cpu;
 pub mod gemm_cuda;
 pub(crate) mod gemm_quant_cpu;
