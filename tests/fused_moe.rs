@@ -23,8 +23,12 @@ fn make_weights(rng: &mut Rng, e: usize, n: usize, k: usize) -> Weights {
         e,
         n,
         k,
-        w1: tensor(rng.randn(e * 2 * n * k, 0.1), &[e, 2 * n, k]),
-        w2: tensor(rng.randn(e * k * n, 0.1), &[e, k, n]),
+        // scaled so activations and outputs are O(1)
+        w1: tensor(
+            rng.randn(e * 2 * n * k, 1.0 / (k as f32).sqrt()),
+            &[e, 2 * n, k],
+        ),
+        w2: tensor(rng.randn(e * k * n, 2.0 / (n as f32).sqrt()), &[e, k, n]),
     }
 }
 
@@ -38,7 +42,7 @@ fn run_case(
     local: Option<&[usize]>,
 ) {
     let (e, k) = (w.e, w.k);
-    let a = round_to(&tensor(rng.randn(m * k, 0.1), &[m, k]), dt);
+    let a = round_to(&tensor(rng.randn(m * k, 1.0), &[m, k]), dt);
     let logits = rng.randn(m * e, 1.0);
     let (w1, w2) = (round_to(&w.w1, dt), round_to(&w.w2, dt));
     // expert map as vLLM's test builds it: random local subset
@@ -61,7 +65,17 @@ fn run_case(
             )
         }
     };
-    let want = reference_moe(&a, &w1l, &w2l, &logits, e, top_k, false, map.as_deref());
+    let reference = |f: Fault| {
+        reference_moe_with(
+            &a,
+            &w1l,
+            &w2l,
+            &logits,
+            (e, top_k, false),
+            map.as_deref(),
+            f,
+        )
+    };
 
     let experts = GroupedGemmExperts::new(
         w1l.to_dtype(dt).unwrap(),
@@ -73,7 +87,7 @@ fn run_case(
     .unwrap();
     let kernel = FusedMoeKernel::new(Arc::new(LocalPrepareAndFinalize), Arc::new(experts)).unwrap();
     let router = Router::new(RouterConfig::new(e, top_k), None).unwrap();
-    let lt = tensor(logits, &[m, e]);
+    let lt = tensor(logits.clone(), &[m, e]);
     let (tw, ti) = router.route(&lt).unwrap();
     let map_t = map
         .as_ref()
@@ -90,20 +104,26 @@ fn run_case(
         .unwrap()
         .to_vec1()
         .unwrap();
-    let (err, mag) = max_err(&got, &want);
     let ctx = format!(
         "m={m} n={} k={k} e={e} topk={top_k} {dt:?} map={}",
         w.n,
         local.is_some()
     );
-    match dt {
-        DType::F32 => assert!(
-            err <= 1e-4 * mag.max(1e-6),
-            "{ctx}: max err {err} vs max |ref| {mag}"
-        ),
-        _ => assert!(err <= 2e-2, "{ctx}: max abs err {err}"),
-    }
-    assert!(mag > 0.0 || local.is_some(), "{ctx}: reference is all zero");
+    // f32: summation order only; bf16 / f16: the output is rounded to that
+    // dtype (relative 2⁻⁹ / 2⁻¹²) after f32 accumulation
+    let tol = match dt {
+        DType::F32 => 1e-4,
+        DType::BF16 => 1e-2,
+        _ => 2e-3,
+    };
+    // planted faults on one case shape per weight set (they cost a reference each)
+    let faults = (m == 33 && top_k == 2) || dt == DType::F16;
+    judge_with_faults(&got, k, tol, &reference, faults, &ctx);
+    let mag = got.iter().fold(0f32, |a, b| a.max(b.abs()));
+    assert!(
+        mag > 0.1 || local.is_some(),
+        "{ctx}: output is not O(1) ({mag})"
+    );
 
     // metadata: routed pairs per local expert
     let meta = meta.expect("metadata");

@@ -89,6 +89,49 @@ pub fn reference_moe(
     renormalize: bool,
     expert_map: Option<&[i32]>,
 ) -> Vec<f32> {
+    reference_moe_with(
+        a,
+        w1,
+        w2,
+        logits,
+        (num_experts, top_k, renormalize),
+        expert_map,
+        Fault::None,
+    )
+}
+
+/// A planted fault in the reference: a kernel with this bug would compute
+/// what the faulty reference does, so a test must reject it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// The second of each token's top-k experts is dropped.
+    DropSecondExpert,
+    /// Gate and up rows of w1 are swapped.
+    SwapGateUp,
+    /// The routing weight is not applied (every expert weighs 1).
+    NoRoutingWeight,
+    /// Within each expert's run, outputs land one row off (an align bug).
+    OffByOneRow,
+}
+
+pub const FAULTS: [Fault; 4] = [
+    Fault::DropSecondExpert,
+    Fault::SwapGateUp,
+    Fault::NoRoutingWeight,
+    Fault::OffByOneRow,
+];
+
+/// [`reference_moe`] with `fault` planted; `(num_experts, top_k, renormalize)`.
+pub fn reference_moe_with(
+    a: &Tensor,
+    w1: &Tensor,
+    w2: &Tensor,
+    logits: &[f32],
+    (num_experts, top_k, renormalize): (usize, usize, bool),
+    expert_map: Option<&[i32]>,
+    fault: Fault,
+) -> Vec<f32> {
     let (m, hk) = a.dims2().unwrap();
     let n = w2.dims()[2];
     let mut out = vec![0f32; m * hk];
@@ -98,8 +141,16 @@ pub fn reference_moe(
         let s = softmax_row(&logits[t * num_experts..(t + 1) * num_experts]);
         let ids = topk_row(&s, top_k);
         let sum: f32 = ids.iter().map(|&i| s[i]).sum();
-        for &i in &ids {
+        for (slot, &i) in ids.iter().enumerate() {
+            if fault == Fault::DropSecondExpert && slot == 1 {
+                continue;
+            }
             let w = if renormalize { s[i] / sum } else { s[i] };
+            let w = if fault == Fault::NoRoutingWeight {
+                1.0
+            } else {
+                w
+            };
             per_expert[i].push((t, w));
         }
     }
@@ -116,11 +167,19 @@ pub fn reference_moe(
         let idx = Tensor::new(idx.as_slice(), &Device::Cpu).unwrap();
         let x = a.index_select(&idx, 0).unwrap();
         let h = x.matmul(&w1.get(l).unwrap().t().unwrap()).unwrap();
-        let gate = h.narrow(1, 0, n).unwrap();
-        let up = h.narrow(1, n, n).unwrap();
+        let (g0, u0) = if fault == Fault::SwapGateUp {
+            (n, 0)
+        } else {
+            (0, n)
+        };
+        let gate = h.narrow(1, g0, n).unwrap();
+        let up = h.narrow(1, u0, n).unwrap();
         let act = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
         let y = act.matmul(&w2.get(l).unwrap().t().unwrap()).unwrap();
-        let y = y.to_vec2::<f32>().unwrap();
+        let mut y = y.to_vec2::<f32>().unwrap();
+        if fault == Fault::OffByOneRow && y.len() > 1 {
+            y.rotate_left(1);
+        }
         for (row, &(t, w)) in y.iter().zip(toks) {
             for (o, v) in out[t * hk..(t + 1) * hk].iter_mut().zip(row) {
                 *o += w * v;
@@ -128,6 +187,56 @@ pub fn reference_moe(
         }
     }
     out
+}
+
+/// The largest error of a row over the largest |value| of that row in
+/// `want` (rows differ in scale; all-zero rows must be zero).
+pub fn row_rel_err(got: &[f32], want: &[f32], width: usize) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.chunks(width)
+        .zip(want.chunks(width))
+        .map(|(g, w)| {
+            let mag = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            if mag == 0.0 {
+                if err == 0.0 {
+                    0.0
+                } else {
+                    f32::INFINITY
+                }
+            } else {
+                err / mag
+            }
+        })
+        .fold(0f32, f32::max)
+}
+
+/// `got` within `tol` (row-relative) of `reference(Fault::None)`, and outside
+/// it for every planted fault that changes the reference by more than
+/// `2·tol`: the comparison can fail.
+pub fn judge_with_faults(
+    got: &[f32],
+    width: usize,
+    tol: f32,
+    reference: &dyn Fn(Fault) -> Vec<f32>,
+    check_faults: bool,
+    ctx: &str,
+) {
+    let want = reference(Fault::None);
+    let e = row_rel_err(got, &want, width);
+    assert!(e <= tol, "{ctx}: row-relative error {e} > {tol}");
+    if !check_faults {
+        return;
+    }
+    for f in FAULTS {
+        let bad = reference(f);
+        if row_rel_err(&bad, &want, width) > 2.0 * tol {
+            assert!(
+                row_rel_err(got, &bad, width) > tol,
+                "{ctx}: the comparison accepts a planted fault ({f:?})"
+            );
+        }
+    }
 }
 
 /// max |got - want| and max |want|.
