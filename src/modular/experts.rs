@@ -209,6 +209,14 @@ impl Experts for GroupedGemmExperts {
             },
         )?;
         let c2 = act_and_mul(&c1, self.activation)?;
+        // bf16 compute rounds the intermediate to bf16, as the reference
+        // models do; the second GEMM then multiplies bf16 × bf16
+        let c2 =
+            if args.hidden_states.dtype() == candle_core::DType::BF16 && self.w2_quant.is_none() {
+                c2.to_dtype(candle_core::DType::BF16)?
+            } else {
+                c2
+            };
         let c3 = grouped_gemm(
             &c2,
             &self.w2,

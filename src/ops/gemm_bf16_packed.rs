@@ -18,16 +18,99 @@ pub(crate) const STRIP: usize = 32;
 const MR: usize = 8;
 
 /// Packs columns `n0..n0 + STRIP` (zero past `n`) of `w` (`[n, k]`, `k`
-/// even) into `panel`: for each k-pair, 32 columns × (k, k+1).
+/// even) into `panel`: for each k-pair, 32 columns × (k, k+1). Full
+/// 16-column × 16-pair blocks go through a register transpose.
 fn pack(w: &[bf16], n: usize, k: usize, n0: usize, panel: &mut Vec<u32>) {
+    let kp = k / 2;
     panel.clear();
-    panel.resize(k / 2 * STRIP, 0);
-    for c in 0..STRIP.min(n.saturating_sub(n0)) {
-        let row = &w[(n0 + c) * k..(n0 + c + 1) * k];
-        for (p, pair) in row.chunks_exact(2).enumerate() {
-            panel[p * STRIP + c] = pair[0].to_bits() as u32 | (pair[1].to_bits() as u32) << 16;
+    panel.resize(kp * STRIP, 0);
+    let cols = STRIP.min(n.saturating_sub(n0));
+    let mut done = vec![0usize; cols.div_ceil(16)];
+    for (h, d) in done.iter_mut().enumerate() {
+        if cols >= 16 * (h + 1) {
+            // SAFETY: rows n0 + 16h .. +16 exist (cols ≥ 16(h+1)) and hold
+            // kp u32 pairs each; panel holds kp · STRIP u32; the caller
+            // checked the CPU features.
+            unsafe { pack16(w, k, n0 + 16 * h, 16 * h, panel) };
+            *d = kp / 16 * 16;
         }
     }
+    for c in 0..cols {
+        let row = &w[(n0 + c) * k..(n0 + c + 1) * k];
+        for p in done[c / 16]..kp {
+            panel[p * STRIP + c] =
+                row[2 * p].to_bits() as u32 | (row[2 * p + 1].to_bits() as u32) << 16;
+        }
+    }
+}
+
+/// Transposes 16 rows × (kp / 16 · 16) pairs of `w` from row `r0` into panel
+/// columns `c0..c0 + 16`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack16(w: &[bf16], k: usize, r0: usize, c0: usize, panel: &mut [u32]) {
+    let kp = k / 2;
+    let base = w.as_ptr().add(r0 * k) as *const u32;
+    let out = panel.as_mut_ptr();
+    for pb in 0..kp / 16 {
+        let r: [__m512i; 16] =
+            std::array::from_fn(|i| _mm512_loadu_si512(base.add(i * kp + pb * 16) as *const _));
+        let t = transpose16(r);
+        for (j, v) in t.iter().enumerate() {
+            _mm512_storeu_si512(out.add((pb * 16 + j) * STRIP + c0) as *mut _, *v);
+        }
+    }
+}
+
+/// 16×16 transpose of u32 lanes: `out[j][i] = r[i][j]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // pairs of rows → 2×2 blocks of u32
+    let a: [__m512i; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(x, y)
+        } else {
+            _mm512_unpackhi_epi32(x, y)
+        }
+    });
+    // → 4×4 blocks within each 128-bit lane
+    let b: [__m512i; 16] = std::array::from_fn(|i| {
+        let g = i / 4 * 4;
+        let (x, y) = match i % 4 {
+            0 | 1 => (a[g], a[g + 2]),
+            _ => (a[g + 1], a[g + 3]),
+        };
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi64(x, y)
+        } else {
+            _mm512_unpackhi_epi64(x, y)
+        }
+    });
+    // lane L of b[4g + j] = column 4L + j of rows 4g..4g+4: gather lanes
+    let c: [__m512i; 16] = std::array::from_fn(|i| {
+        let (j, half) = (i % 4, i / 4 % 2);
+        let g = if i < 8 { 0 } else { 2 };
+        let (x, y) = (b[4 * g + j], b[4 * (g + 1) + j]);
+        if half == 0 {
+            _mm512_shuffle_i32x4::<0x88>(x, y)
+        } else {
+            _mm512_shuffle_i32x4::<0xDD>(x, y)
+        }
+    });
+    // c[j] (j < 4): lanes = (L0 of rows 0-3, L2 of 0-3, L0 of 4-7, L2 of 4-7) ...
+    std::array::from_fn(|o| {
+        // column o = 4L + j, L = o / 4, j = o % 4
+        let (l, j) = (o / 4, o % 4);
+        let half = l % 2; // lanes 0/2 → shuffle 0x88, lanes 1/3 → 0xDD
+        let lo = c[half * 4 + j]; // rows 0..8
+        let hi = c[8 + half * 4 + j]; // rows 8..16
+        if l < 2 {
+            _mm512_shuffle_i32x4::<0x88>(lo, hi)
+        } else {
+            _mm512_shuffle_i32x4::<0xDD>(lo, hi)
+        }
+    })
 }
 
 /// `M` rows (pointers to `k` bf16 each) against the packed panel; writes
@@ -149,6 +232,32 @@ mod tests {
                         (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
                         "{m}x{n}x{k} r {r} c {j}: {got} vs {want}"
                     );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod transpose_tests {
+    #[test]
+    fn transpose16_is_a_transpose() {
+        if !super::super::gemm_bf16_avx512::available() {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let m: Vec<u32> = (0..256).collect();
+        unsafe {
+            let r: [__m512i; 16] =
+                std::array::from_fn(|i| _mm512_loadu_si512(m.as_ptr().add(16 * i) as *const _));
+            let t = super::transpose16(r);
+            let mut out = vec![0u32; 256];
+            for (j, v) in t.iter().enumerate() {
+                _mm512_storeu_si512(out.as_mut_ptr().add(16 * j) as *mut _, *v);
+            }
+            for i in 0..16 {
+                for j in 0..16 {
+                    assert_eq!(out[16 * j + i], m[16 * i + j], "({i}, {j})");
                 }
             }
         }

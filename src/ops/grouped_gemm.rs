@@ -18,6 +18,10 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Sto
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+/// Rows of one expert from which bf16 × bf16 segments take the packed
+/// AVX-512 BF16 kernel.
+const BF16_PACKED_MIN_ROWS: usize = 8;
+
 /// Options of one grouped GEMM.
 #[derive(Clone, Debug, Default)]
 pub struct GroupedGemmArgs {
@@ -269,6 +273,50 @@ impl GroupedGemm {
         })
     }
 
+    /// [`Self::run`] for bf16 weights with bf16 activations `a16` (the same
+    /// values as `a`) on AVX-512 BF16: segments of at least
+    /// [`BF16_PACKED_MIN_ROWS`] rows run the bf16 × bf16 packed kernel (its
+    /// panel packing pays off from about that many rows).
+    #[cfg(target_arch = "x86_64")]
+    fn run_bf16(
+        &self,
+        (a, a16): (&[f32], &[bf16]),
+        k: usize,
+        w: &[bf16],
+        n: usize,
+        buf: &[u32],
+    ) -> Result<Vec<f32>> {
+        let e_local = w.len().checked_div(n * k).unwrap_or(0);
+        let base = a.as_ptr() as usize;
+        let b16 = SendPtr(a16.as_ptr() as *mut bf16);
+        self.run_tiles(a, k, n, e_local, 2 * k, buf, &|e, ap, n0, n1, cp| {
+            let ew = &w[e * n * k..(e + 1) * n * k];
+            if ap.len() >= BF16_PACKED_MIN_ROWS {
+                // the same row of the bf16 copy: the same element offset
+                let ap16: Vec<*const bf16> = ap
+                    .iter()
+                    .map(|&p| b16.get().wrapping_add((p as usize - base) / 4) as *const bf16)
+                    .collect();
+                // SAFETY: see run_tiles; `a16` mirrors `a` row for row, rows
+                // are k bf16 with k even and the CPU has AVX-512 BF16 (both
+                // checked by the caller).
+                unsafe { super::gemm_bf16_packed::gemm(&ap16, ew, (n, k), (n0, n1), cp) }
+            } else {
+                // SAFETY: as in `run`.
+                unsafe {
+                    gemm_tile(&Tile {
+                        a: ap,
+                        w: ew,
+                        k,
+                        n0,
+                        n1,
+                        c: cp,
+                    })
+                }
+            }
+        })
+    }
+
     /// The quantized twin of [`Self::run`]: `w` is the packed weight bytes.
     fn run_quant(
         &self,
@@ -414,6 +462,18 @@ impl CustomOp3 for GroupedGemm {
         if self.args.quant.is_some() {
             let w = packed_bytes(sw, lw)?;
             let out = self.run_quant(&a, k, w, (e_local, n), buf)?;
+            return Ok((CpuStorage::F32(out), Shape::from((self.layout.numel, n))));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if sa.dtype() == DType::BF16
+            && sw.dtype() == DType::BF16
+            && self.args.act_quant_group.is_none()
+            && k % 2 == 0
+            && super::gemm_bf16_avx512::available()
+        {
+            let a16 = contiguous::<bf16>(sa, la, "activations")?;
+            let w = contiguous::<bf16>(sw, lw, "weights")?;
+            let out = self.run_bf16((&a, a16), k, w, n, buf)?;
             return Ok((CpuStorage::F32(out), Shape::from((self.layout.numel, n))));
         }
         let out = match sw.dtype() {
