@@ -121,14 +121,63 @@ impl FusedMoeConfig {
     }
 }
 
-/// A dense gated MLP (`gate_proj`, `up_proj`, `down_proj`) shared by all tokens.
+/// A dense gated MLP: `down(act(gate(x)) · up(x))`, weights under
+/// `gate_proj`, `up_proj`, `down_proj` (the decoders' dense MLPs and the MoE
+/// blocks' shared experts).
 #[derive(Clone, Debug)]
-pub struct SharedExperts {
+pub struct GatedMlp {
     gate_proj: QLinear,
     up_proj: QLinear,
     down_proj: QLinear,
     activation: Activation,
-    /// `shared_expert_gate` (`[1, H]`): output scaled by its sigmoid.
+}
+
+impl GatedMlp {
+    /// `vb` at the MLP's prefix; `scheme` reads quantized linears where the
+    /// checkpoint has them (or quantizes float ones on load).
+    pub fn new(
+        hidden: usize,
+        intermediate: usize,
+        activation: Activation,
+        vb: &VarBuilder,
+        scheme: Option<&QuantScheme>,
+    ) -> Result<Self> {
+        let lin = |i, o, name: &str| qlinear(i, o, false, &vb.pp(name), scheme);
+        Ok(Self {
+            gate_proj: lin(hidden, intermediate, "gate_proj")?,
+            up_proj: lin(hidden, intermediate, "up_proj")?,
+            down_proj: lin(intermediate, hidden, "down_proj")?,
+            activation,
+        })
+    }
+
+    /// Bytes of weights (and scales) held.
+    pub fn weight_bytes(&self) -> usize {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+            .map(QLinear::weight_bytes)
+            .iter()
+            .sum()
+    }
+}
+
+impl Module for GatedMlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let g = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::Gelu => g.gelu_erf()?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// Qwen2-MoE's shared expert: a [`GatedMlp`] every token goes through,
+/// optionally scaled by `sigmoid(shared_expert_gate(x))`.
+#[derive(Clone, Debug)]
+pub struct SharedExperts {
+    mlp: GatedMlp,
+    /// `shared_expert_gate` (`[1, H]`).
     gate: Option<QLinear>,
 }
 
@@ -154,8 +203,13 @@ impl SharedExperts {
         vb: &VarBuilder,
         scheme: Option<&QuantScheme>,
     ) -> Result<Self> {
-        let s = vb.pp("shared_expert");
-        let lin = |i, o, name: &str| qlinear(i, o, false, &s.pp(name), scheme);
+        let mlp = GatedMlp::new(
+            hidden,
+            intermediate,
+            activation,
+            &vb.pp("shared_expert"),
+            scheme,
+        )?;
         let gate = if gated {
             Some(qlinear(
                 hidden,
@@ -167,36 +221,18 @@ impl SharedExperts {
         } else {
             None
         };
-        Ok(Self {
-            gate_proj: lin(hidden, intermediate, "gate_proj")?,
-            up_proj: lin(hidden, intermediate, "up_proj")?,
-            down_proj: lin(intermediate, hidden, "down_proj")?,
-            activation,
-            gate,
-        })
+        Ok(Self { mlp, gate })
     }
-}
 
-impl SharedExperts {
     /// Bytes of weights (and scales) held.
     pub fn weight_bytes(&self) -> usize {
-        [&self.gate_proj, &self.up_proj, &self.down_proj]
-            .into_iter()
-            .chain(self.gate.as_ref())
-            .map(QLinear::weight_bytes)
-            .sum()
+        self.mlp.weight_bytes() + self.gate.as_ref().map_or(0, QLinear::weight_bytes)
     }
 }
 
 impl Module for SharedExperts {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = self.gate_proj.forward(x)?;
-        let g = match self.activation {
-            Activation::Silu => candle_nn::ops::silu(&g)?,
-            Activation::Gelu => g.gelu_erf()?,
-            Activation::GeluTanh => g.gelu()?,
-        };
-        let y = self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)?;
+        let y = self.mlp.forward(x)?;
         match &self.gate {
             None => Ok(y),
             Some(gate) => y.broadcast_mul(&candle_nn::ops::sigmoid(&gate.forward(x)?)?),

@@ -52,7 +52,7 @@ pub mod router;
 
 pub use error::{MoeError, Result};
 pub use expert_map::{EpConfig, ExpertMapManager, PlacementStrategy};
-pub use layer::{FusedMoe, FusedMoeConfig, SharedExperts, SparseMoeBlock};
+pub use layer::{FusedMoe, FusedMoeConfig, GatedMlp, SharedExperts, SparseMoeBlock};
 pub use modular::{ExpertTokensMetadata, FusedMoeKernel};
 pub use ops::{Activation, ScoringFunc};
 pub use router::{Router, RouterConfig};

@@ -1,6 +1,6 @@
-//! Blocks shared by the Qwen-MoE decoders: rotary embedding, attention over
-//! the block KV cache (GQA, optional q/k/v bias, optional per-head q/k
-//! RMSNorm) and the dense gated MLP.
+//! Blocks shared by the Qwen-MoE decoders: rotary embedding and attention
+//! over the block KV cache (GQA, optional q/k/v bias, optional per-head q/k
+//! RMSNorm); the dense MLP is `candle_moe::GatedMlp`.
 
 use crate::config::QwenMoeConfig;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -127,44 +127,5 @@ impl Attention {
         write_kv(&cache.0, &cache.1, &k, &v, meta)?;
         let o = paged_attention(&q, &cache.0, &cache.1, meta, 1.0 / (d as f32).sqrt())?;
         self.o_proj.forward(&o.reshape((t, self.heads * d))?)
-    }
-}
-
-/// Dense gated MLP: `down(silu(gate(x)) · up(x))`.
-#[derive(Clone, Debug)]
-pub struct DenseMlp {
-    gate_proj: QLinear,
-    up_proj: QLinear,
-    down_proj: QLinear,
-}
-
-impl DenseMlp {
-    pub fn new(
-        hidden: usize,
-        intermediate: usize,
-        vb: VarBuilder,
-        quant: Option<&QuantScheme>,
-    ) -> Result<Self> {
-        Ok(Self {
-            gate_proj: qlinear(hidden, intermediate, false, &vb.pp("gate_proj"), quant)?,
-            up_proj: qlinear(hidden, intermediate, false, &vb.pp("up_proj"), quant)?,
-            down_proj: qlinear(intermediate, hidden, false, &vb.pp("down_proj"), quant)?,
-        })
-    }
-}
-
-impl DenseMlp {
-    pub fn weight_bytes(&self) -> usize {
-        [&self.gate_proj, &self.up_proj, &self.down_proj]
-            .map(QLinear::weight_bytes)
-            .iter()
-            .sum()
-    }
-}
-
-impl Module for DenseMlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
     }
 }

@@ -5,20 +5,20 @@
 use crate::config::{Arch, QwenMoeConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvCacheShape};
-use crate::layers::{Attention, DenseMlp, RotaryEmbedding};
+use crate::layers::{Attention, RotaryEmbedding};
 use crate::model::{CausalLm, Logits, ModelInfo, SeqInput};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_moe::dist::{Communicator, NaiveEpPrepareAndFinalize};
 use candle_moe::ops::{PagedAttentionMeta, SeqSpan};
 use candle_moe::quant::{qlinear, QLinear, QuantScheme};
-use candle_moe::{Activation, EpConfig, FusedMoeConfig, SparseMoeBlock};
+use candle_moe::{Activation, EpConfig, FusedMoeConfig, GatedMlp, SparseMoeBlock};
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
 
 use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 enum Mlp {
-    Dense(DenseMlp),
+    Dense(GatedMlp),
     Moe(Box<SparseMoeBlock>),
 }
 
@@ -93,10 +93,11 @@ impl DecoderLayer {
             };
             Mlp::Moe(Box::new(block))
         } else {
-            Mlp::Dense(DenseMlp::new(
+            Mlp::Dense(GatedMlp::new(
                 cfg.hidden_size,
                 cfg.intermediate_size,
-                vb.pp("mlp"),
+                moe.activation,
+                &vb.pp("mlp"),
                 quant,
             )?)
         };
