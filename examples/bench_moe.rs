@@ -15,11 +15,12 @@
 //! multi-threaded sum over 1 GiB, measured in the same run) that the bytes the
 //! step must read (the distinct routed experts' weights) imply.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_moe::quant::{Fp8, QuantScheme};
 use candle_moe::{FusedMoe, FusedMoeConfig};
 use candle_nn::{Linear, VarBuilder};
+use clap::Parser;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -108,31 +109,38 @@ fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
     Ok(v[v.len() / 2])
 }
 
-fn arg_list(args: &[String], flag: &str, default: &str) -> Vec<String> {
-    let v = args
-        .iter()
-        .position(|a| a == flag)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-        .unwrap_or(default);
-    v.split(',').map(str::to_string).collect()
+#[derive(Parser, Debug)]
+#[command(about = "FusedMoe against candle-transformers' per-expert loop, same weights, same run")]
+struct Args {
+    /// Print the rows as a JSON array on the last line.
+    #[arg(long)]
+    json: bool,
+    /// Skip the candle baseline (profiling aid).
+    #[arg(long)]
+    only_fused: bool,
+    /// Layer shapes: qwen1.5, qwen3.
+    #[arg(long, value_delimiter = ',', default_value = "qwen1.5,qwen3")]
+    cases: Vec<String>,
+    /// Tokens per forward.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,512")]
+    tokens: Vec<usize>,
+    /// Expert formats: f32, bf16, f16, fp8, fp8-w8a16, mxfp4.
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+    dtypes: Vec<String>,
+    /// Timed repetitions (default: 24 for ≤ 16 tokens, 3 beyond).
+    #[arg(long)]
+    reps: Option<usize>,
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let json = args.iter().any(|a| a == "--json");
-    // profiling aid: skip the baseline
-    let only_fused = args.iter().any(|a| a == "--only-fused");
-    let cases = arg_list(&args, "--cases", "qwen1.5,qwen3");
-    let tokens: Vec<usize> = arg_list(&args, "--tokens", "1,16,512")
-        .iter()
-        .map(|t| t.parse().context("--tokens"))
-        .collect::<Result<_>>()?;
-    let dtypes = arg_list(&args, "--dtypes", "f32,bf16");
-    let reps: Option<usize> = match arg_list(&args, "--reps", "").first().map(String::as_str) {
-        Some("") | None => None,
-        Some(r) => Some(r.parse().context("--reps")?),
-    };
+    let Args {
+        json,
+        only_fused,
+        cases,
+        tokens,
+        dtypes,
+        reps,
+    } = Args::parse();
     let dev = Device::Cpu;
     let bw = read_bandwidth();
     eprintln!(
