@@ -1,0 +1,318 @@
+//! AVX2 + FMA + F16C kernels of the quantized GEMM.
+
+use super::super::gemm_cpu::avx2::{hsum, kernel_6x16, transpose8};
+use super::*;
+use std::arch::x86_64::*;
+
+/// The decode kernels prefetch the rows this many rows ahead, at the
+/// position they are reading: the hardware prefetcher alone leaves them
+/// waiting on loads (~2× slower). Addresses past the matrix are fine for a
+/// prefetch (never dereferenced; `wrapping_add` keeps the arithmetic defined).
+const AHEAD_ROWS: usize = 4;
+
+/// 16 e4m3 bytes → 16 f32 equal to the values / 256.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fp8_dec16(p: *const u8) -> [__m256; 2] {
+    // x << 7 puts exponent and mantissa in f16 place (bits 7..13) and the
+    // sign at bit 14; adding bit 14 to itself moves it to bit 15
+    let t = _mm256_slli_epi16::<7>(_mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i)));
+    let h = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
+    [
+        _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)),
+    ]
+}
+
+/// 16 packed bytes (32 e2m1) → 32 f32 equal to 2 · value, in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mx_dec32(p: *const u8) -> [__m256; 4] {
+    let lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+    let b = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(b, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(b), mask);
+    let v0 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi));
+    let v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi));
+    let cvt = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    [
+        cvt(v0),
+        cvt(_mm_srli_si128::<8>(v0)),
+        cvt(v1),
+        cvt(_mm_srli_si128::<8>(v1)),
+    ]
+}
+
+/// FP8: dot products of `NW` rows from `n` with `M` activation rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fp8_block<const M: usize, const NW: usize>(
+    a: &[*const f32],
+    q: &[u8],
+    scales: &[f32],
+    k: usize,
+    bn: usize,
+    bk: usize,
+    n: usize,
+    out: &mut [[f32; NW]; M],
+) {
+    let kb = k.div_ceil(bk);
+    let mut acc = [[_mm256_setzero_ps(); NW]; M];
+    let mut tail = [[0f32; NW]; M];
+    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k));
+    // each row's scale row, found once (no division in the K loop)
+    let sp: [*const f32; NW] = std::array::from_fn(|j| scales.as_ptr().add(((n + j) / bn) * kb));
+    let mut k0 = 0;
+    let mut blk = 0;
+    while k0 < k {
+        let k1 = (k0 + bk).min(k);
+        let s: [f32; NW] = std::array::from_fn(|j| *sp[j].add(blk));
+        let mut g = [[_mm256_setzero_ps(); NW]; M];
+        let mut kk = k0;
+        while kk + 16 <= k1 {
+            if kk % 64 == 0 {
+                for p in wp {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(kk + AHEAD_ROWS * k) as *const i8);
+                }
+            }
+            let wv: [[__m256; 2]; NW] = std::array::from_fn(|j| fp8_dec16(wp[j].add(kk)));
+            for m in 0..M {
+                let a0 = _mm256_loadu_ps(a[m].add(kk));
+                let a1 = _mm256_loadu_ps(a[m].add(kk + 8));
+                for j in 0..NW {
+                    g[m][j] = _mm256_fmadd_ps(wv[j][0], a0, g[m][j]);
+                    g[m][j] = _mm256_fmadd_ps(wv[j][1], a1, g[m][j]);
+                }
+            }
+            kk += 16;
+        }
+        for j in 0..NW {
+            let sv = _mm256_set1_ps(s[j] * 256.0);
+            for m in 0..M {
+                acc[m][j] = _mm256_fmadd_ps(g[m][j], sv, acc[m][j]);
+                let mut t = 0f32;
+                for c in kk..k1 {
+                    t += *a[m].add(c) * E4M3_LUT[*wp[j].add(c) as usize];
+                }
+                tail[m][j] += t * s[j];
+            }
+        }
+        k0 = k1;
+        blk += 1;
+    }
+    for m in 0..M {
+        for j in 0..NW {
+            out[m][j] = hsum(acc[m][j]) + tail[m][j];
+        }
+    }
+}
+
+/// MXFP4: dot products of `NW` rows from `n` with `M` activation rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mx_block<const M: usize, const NW: usize>(
+    a: &[*const f32],
+    q: &[u8],
+    scales: &[u8],
+    k: usize,
+    n: usize,
+    out: &mut [[f32; NW]; M],
+) {
+    let half = &*MX_HALF_SCALE;
+    let mut acc = [[_mm256_setzero_ps(); NW]; M];
+    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k / 2));
+    let sp: [*const u8; NW] = std::array::from_fn(|j| scales.as_ptr().add((n + j) * k / MX_GROUP));
+    for gi in 0..k / MX_GROUP {
+        if gi % 4 == 0 {
+            for p in wp {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8
+                );
+            }
+        }
+        let wv: [[__m256; 4]; NW] = std::array::from_fn(|j| mx_dec32(wp[j].add(gi * 16)));
+        for m in 0..M {
+            let ap = a[m].add(gi * MX_GROUP);
+            let av: [__m256; 4] = std::array::from_fn(|u| _mm256_loadu_ps(ap.add(8 * u)));
+            for j in 0..NW {
+                let g0 = _mm256_fmadd_ps(wv[j][1], av[1], _mm256_mul_ps(wv[j][0], av[0]));
+                let g1 = _mm256_fmadd_ps(wv[j][3], av[3], _mm256_mul_ps(wv[j][2], av[2]));
+                let s = _mm256_set1_ps(half[*sp[j].add(gi) as usize]);
+                acc[m][j] = _mm256_fmadd_ps(_mm256_add_ps(g0, g1), s, acc[m][j]);
+            }
+        }
+    }
+    for m in 0..M {
+        for j in 0..NW {
+            out[m][j] = hsum(acc[m][j]);
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block<const M: usize, const NW: usize>(
+    t: &QTile<'_>,
+    n: usize,
+    out: &mut [[f32; NW]; M],
+) {
+    match t.w {
+        QMat::Fp8 {
+            q,
+            scales,
+            k,
+            bn,
+            bk,
+        } => fp8_block::<M, NW>(t.a, q, scales, k, bn, bk, n, out),
+        QMat::Mxfp4 { q, scales, k } => mx_block::<M, NW>(t.a, q, scales, k, n, out),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
+    let mut n = t.n0;
+    while n + NW <= t.n1 {
+        let mut out = [[0f32; NW]; M];
+        block::<M, NW>(t, n, &mut out);
+        for (c, o) in t.c.iter().zip(&out) {
+            for (j, v) in o.iter().enumerate() {
+                *c.add(n - t.n0 + j) = *v;
+            }
+        }
+        n += NW;
+    }
+    while n < t.n1 {
+        let mut out = [[0f32; 1]; M];
+        block::<M, 1>(t, n, &mut out);
+        for (c, o) in t.c.iter().zip(&out) {
+            *c.add(n - t.n0) = o[0];
+        }
+        n += 1;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn skinny(t: &QTile<'_>) {
+    match t.a.len() {
+        0 => {}
+        1 => skinny_m::<1, 4>(t),
+        2 => skinny_m::<2, 2>(t),
+        _ => skinny_m::<3, 2>(t),
+    }
+}
+
+/// Decodes `out.len()` values of row `n` from column `k0` (a multiple of
+/// 32 for mxfp4, of 16 for fp8 blocks).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_row(w: &QMat<'_>, n: usize, k0: usize, out: &mut [f32]) {
+    let len = out.len();
+    let o = out.as_mut_ptr();
+    match *w {
+        QMat::Fp8 {
+            q,
+            scales,
+            k,
+            bn,
+            bk,
+        } => {
+            let kb = k.div_ceil(bk);
+            let srow = &scales[(n / bn) * kb..];
+            let qp = q.as_ptr().add(n * k + k0);
+            let mut j = 0;
+            while j + 16 <= len {
+                let s = _mm256_set1_ps(srow[(k0 + j) / bk] * 256.0);
+                let v = fp8_dec16(qp.add(j));
+                _mm256_storeu_ps(o.add(j), _mm256_mul_ps(v[0], s));
+                _mm256_storeu_ps(o.add(j + 8), _mm256_mul_ps(v[1], s));
+                j += 16;
+            }
+            w.decode_scalar(n, k0 + j, &mut out[j..]);
+        }
+        QMat::Mxfp4 { q, scales, k } => {
+            let half = &*MX_HALF_SCALE;
+            let mut j = 0;
+            while j + 32 <= len {
+                let c = n * k + k0 + j;
+                let s = _mm256_set1_ps(half[scales[c / MX_GROUP] as usize]);
+                let v = mx_dec32(q.as_ptr().add(c / 2));
+                for (u, v) in v.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(j + 8 * u), _mm256_mul_ps(*v, s));
+                }
+                j += 32;
+            }
+            w.decode_scalar(n, k0 + j, &mut out[j..]);
+        }
+    }
+}
+
+/// Decodes rows `s..s+ns` over `k0..k0+kc` into the transposed panel
+/// `panel[kk*16 + j]`, zero-filling rows `ns..16`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_strip(
+    w: &QMat<'_>,
+    s: usize,
+    ns: usize,
+    k0: usize,
+    kc: usize,
+    rows: &mut [f32],
+    panel: &mut [f32],
+) {
+    for j in 0..NR {
+        let r = &mut rows[j * KC..j * KC + kc];
+        if j < ns {
+            decode_row(w, s + j, k0, r);
+        } else {
+            r.fill(0.0);
+        }
+    }
+    let kc8 = kc & !7;
+    for half in 0..2 {
+        let base = half * 8;
+        let mut kk = 0;
+        while kk < kc8 {
+            let v: [__m256; 8] =
+                std::array::from_fn(|j| _mm256_loadu_ps(rows.as_ptr().add((base + j) * KC + kk)));
+            for (i, col) in transpose8(v).iter().enumerate() {
+                _mm256_storeu_ps(panel.as_mut_ptr().add((kk + i) * NR + base), *col);
+            }
+            kk += 8;
+        }
+        for kk in kc8..kc {
+            for j in 0..8 {
+                panel[kk * NR + base + j] = rows[(base + j) * KC + kk];
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn packed(t: &QTile<'_>) {
+    let m = t.a.len();
+    let k = t.w.k();
+    let mut panel = vec![0f32; KC * NR];
+    let mut rows = vec![0f32; KC * NR];
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        let mut s = t.n0;
+        while s < t.n1 {
+            let ns = NR.min(t.n1 - s);
+            pack_strip(&t.w, s, ns, k0, kc, &mut rows, &mut panel);
+            let mut mg = 0;
+            while mg < m {
+                let mr = MR.min(m - mg);
+                let a: [*const f32; MR] =
+                    std::array::from_fn(|r| t.a[mg + if r < mr { r } else { 0 }].add(k0));
+                let c: [*mut f32; MR] =
+                    std::array::from_fn(|r| t.c[mg + if r < mr { r } else { 0 }].add(s - t.n0));
+                kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                mg += MR;
+            }
+            s += NR;
+        }
+        k0 += KC;
+    }
+}

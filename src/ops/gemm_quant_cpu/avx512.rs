@@ -1,0 +1,254 @@
+//! Decode kernels on AVX-512: MXFP4 nibbles become bf16 pairs with one word
+//! permute and meet the activations in `vdpbf16ps` (32 products per
+//! instruction; the activation is split into a bf16 high part and a bf16
+//! residual, so the products keep ~16 bits of the f32 activation); FP8 bytes
+//! widen through f16 32 at a time.
+
+use super::*;
+use std::arch::x86_64::*;
+
+const AHEAD_ROWS: usize = 8;
+
+/// For every e8m0 scale, the bf16 bits of the 16 e2m1 codes times that
+/// scale (exact: a power of two), so a word permute yields scaled weights.
+#[repr(C, align(64))]
+struct ScaledLut([u16; 32]);
+
+static MX_BF16_LUTS: LazyLock<Vec<ScaledLut>> = LazyLock::new(|| {
+    (0..256)
+        .map(|e| {
+            let mut w = [0u16; 32];
+            for (c, w) in w.iter_mut().take(16).enumerate() {
+                let v = e2m1_to_f32(c as u8) * 2f32.powi(e - 127);
+                *w = half::bf16::from_f32(v).to_bits();
+            }
+            ScaledLut(w)
+        })
+        .collect()
+});
+
+/// One activation row as bf16 high parts and residuals, 32 per zmm.
+struct SplitRow {
+    hi: Vec<__m512bh>,
+    lo: Vec<__m512bh>,
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn split_row(a: *const f32, k: usize) -> SplitRow {
+    let n = k / 32;
+    let (mut hi, mut lo) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for g in 0..n {
+        let x0 = _mm512_loadu_ps(a.add(32 * g));
+        let x1 = _mm512_loadu_ps(a.add(32 * g + 16));
+        let h = _mm512_cvtne2ps_pbh(x1, x0);
+        // widen the high parts back to f32 (bf16 is the top half of an f32)
+        let hb = _mm512_castsi512_si256(std::mem::transmute::<__m512bh, __m512i>(h));
+        let hb1 = _mm512_extracti64x4_epi64::<1>(std::mem::transmute::<__m512bh, __m512i>(h));
+        let h0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hb)));
+        let h1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hb1)));
+        let l = _mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+        hi.push(h);
+        lo.push(l);
+    }
+    SplitRow { hi, lo }
+}
+
+/// MXFP4: `NW` rows from `n` against `M` split activation rows. Each
+/// group's scale is folded into the looked-up bf16 weights, so the dot
+/// products accumulate straight into (separate high / residual) sums.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn mx_block<const M: usize, const NW: usize>(
+    rows: &[SplitRow],
+    q: &[u8],
+    scales: &[u8],
+    k: usize,
+    n: usize,
+    out: &mut [[f32; NW]; M],
+) {
+    let luts = &*MX_BF16_LUTS;
+    let mut acc_hi = [[_mm512_setzero_ps(); NW]; M];
+    let mut acc_lo = [[_mm512_setzero_ps(); NW]; M];
+    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k / 2));
+    let sp: [*const u8; NW] = std::array::from_fn(|j| scales.as_ptr().add((n + j) * k / MX_GROUP));
+    let mask = _mm512_set1_epi32(0x000f_000f);
+    for gi in 0..k / MX_GROUP {
+        if gi % 4 == 0 {
+            for p in wp {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8
+                );
+            }
+        }
+        for j in 0..NW {
+            // byte b of the group → dword lane b: (lo nibble, hi nibble) word indices
+            let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(wp[j].add(gi * 16) as *const __m128i));
+            let idx = _mm512_ternarylogic_epi32::<0xA8>(x, _mm512_slli_epi32::<12>(x), mask);
+            let lut = _mm512_load_si512(luts[*sp[j].add(gi) as usize].0.as_ptr() as *const _);
+            let w: __m512bh = std::mem::transmute(_mm512_permutexvar_epi16(idx, lut));
+            for m in 0..M {
+                acc_hi[m][j] = _mm512_dpbf16_ps(acc_hi[m][j], w, rows[m].hi[gi]);
+                acc_lo[m][j] = _mm512_dpbf16_ps(acc_lo[m][j], w, rows[m].lo[gi]);
+            }
+        }
+    }
+    for m in 0..M {
+        for j in 0..NW {
+            out[m][j] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[m][j], acc_lo[m][j]));
+        }
+    }
+}
+
+/// 32 e4m3 bytes → two zmm of f32 equal to the values / 256.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn fp8_dec32(p: *const u8) -> [__m512; 2] {
+    let t = _mm512_slli_epi16::<7>(_mm512_cvtepu8_epi16(_mm256_loadu_si256(
+        p as *const __m256i,
+    )));
+    let h = _mm512_add_epi16(t, _mm512_and_si512(t, _mm512_set1_epi16(0x4000)));
+    [
+        _mm512_cvtph_ps(_mm512_castsi512_si256(h)),
+        _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
+    ]
+}
+
+/// FP8: `NW` rows from `n` against `M` f32 activation rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn fp8_block<const M: usize, const NW: usize>(
+    a: &[*const f32],
+    q: &[u8],
+    scales: &[f32],
+    k: usize,
+    bn: usize,
+    bk: usize,
+    n: usize,
+    out: &mut [[f32; NW]; M],
+) {
+    let kb = k.div_ceil(bk);
+    let mut acc = [[_mm512_setzero_ps(); NW]; M];
+    let mut tail = [[0f32; NW]; M];
+    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k));
+    // each row's scale row, found once (no division in the K loop)
+    let sp: [*const f32; NW] = std::array::from_fn(|j| scales.as_ptr().add(((n + j) / bn) * kb));
+    let mut k0 = 0;
+    let mut blk = 0;
+    while k0 < k {
+        let k1 = (k0 + bk).min(k);
+        let mut g = [[_mm512_setzero_ps(); NW]; M];
+        let mut kk = k0;
+        while kk + 32 <= k1 {
+            if kk.is_multiple_of(64) {
+                for p in wp {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(kk + AHEAD_ROWS * k) as *const i8);
+                }
+            }
+            let wv: [[__m512; 2]; NW] = std::array::from_fn(|j| fp8_dec32(wp[j].add(kk)));
+            for m in 0..M {
+                let a0 = _mm512_loadu_ps(a[m].add(kk));
+                let a1 = _mm512_loadu_ps(a[m].add(kk + 16));
+                for j in 0..NW {
+                    g[m][j] = _mm512_fmadd_ps(wv[j][0], a0, g[m][j]);
+                    g[m][j] = _mm512_fmadd_ps(wv[j][1], a1, g[m][j]);
+                }
+            }
+            kk += 32;
+        }
+        for j in 0..NW {
+            let s = *sp[j].add(blk);
+            let sv = _mm512_set1_ps(s * 256.0);
+            for m in 0..M {
+                acc[m][j] = _mm512_fmadd_ps(g[m][j], sv, acc[m][j]);
+                let mut t = 0f32;
+                for c in kk..k1 {
+                    t += *a[m].add(c) * E4M3_LUT[*wp[j].add(c) as usize];
+                }
+                tail[m][j] += t * s;
+            }
+        }
+        k0 = k1;
+        blk += 1;
+    }
+    for m in 0..M {
+        for j in 0..NW {
+            out[m][j] = _mm512_reduce_add_ps(acc[m][j]) + tail[m][j];
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
+    let split: Vec<SplitRow> = match t.w {
+        QMat::Mxfp4 { k, .. } => t.a.iter().map(|&a| split_row(a, k)).collect(),
+        QMat::Fp8 { .. } => vec![],
+    };
+    let block = |n: usize, out: &mut [[f32; NW]; M]| match t.w {
+        QMat::Fp8 {
+            q,
+            scales,
+            k,
+            bn,
+            bk,
+        } => fp8_block::<M, NW>(t.a, q, scales, k, bn, bk, n, out),
+        QMat::Mxfp4 { q, scales, k } => mx_block::<M, NW>(&split, q, scales, k, n, out),
+    };
+    let mut n = t.n0;
+    while n + NW <= t.n1 {
+        let mut out = [[0f32; NW]; M];
+        block(n, &mut out);
+        for (c, o) in t.c.iter().zip(&out) {
+            for (j, v) in o.iter().enumerate() {
+                *c.add(n - t.n0 + j) = *v;
+            }
+        }
+        n += NW;
+    }
+    // the last rows one at a time
+    while n < t.n1 {
+        let mut out = [[0f32; NW]; M];
+        match t.w {
+            QMat::Fp8 {
+                q,
+                scales,
+                k,
+                bn,
+                bk,
+            } => {
+                let mut o1 = [[0f32; 1]; M];
+                fp8_block::<M, 1>(t.a, q, scales, k, bn, bk, n, &mut o1);
+                for m in 0..M {
+                    out[m][0] = o1[m][0];
+                }
+            }
+            QMat::Mxfp4 { q, scales, k } => {
+                let mut o1 = [[0f32; 1]; M];
+                mx_block::<M, 1>(&split, q, scales, k, n, &mut o1);
+                for m in 0..M {
+                    out[m][0] = o1[m][0];
+                }
+            }
+        }
+        for (c, o) in t.c.iter().zip(&out) {
+            *c.add(n - t.n0) = o[0];
+        }
+        n += 1;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn skinny(t: &QTile<'_>) {
+    // rows per block sized so accumulators and decoded weights stay in
+    // the 32 zmm registers (FP8 keeps two sums and two decoded vectors
+    // per row, MXFP4 two sums)
+    let mx = matches!(t.w, QMat::Mxfp4 { .. });
+    match (t.a.len(), mx) {
+        (0, _) => {}
+        (1, true) => skinny_m::<1, 8>(t),
+        (1, false) => skinny_m::<1, 4>(t),
+        (2, _) => skinny_m::<2, 4>(t),
+        (_, true) => skinny_m::<3, 4>(t),
+        (_, false) => skinny_m::<3, 2>(t),
+    }
+}

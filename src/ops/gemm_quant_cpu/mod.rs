@@ -1,0 +1,356 @@
+//! CPU GEMM over quantized expert weights, read in their packed form:
+//! `C[r, n] = Σ_k A[r, k] · dequant(W)[n, k]` with f32 activations.
+//!
+//! - FP8 e4m3 with one f32 scale per `bn × bk` block (per-tensor, per-channel
+//!   and 128×128 are all block shapes). Bytes are widened through f16
+//!   (`e4m3 → f16` is a shift, exact for normals and subnormals; the missing
+//!   2⁸ goes into the scale) and converted with F16C.
+//! - MXFP4: 16 bytes hold a 32-element group; nibbles become `2·e2m1` int8 by
+//!   a byte shuffle, then f32, and the group's partial sums take the
+//!   `2^(e−128)` scale once.
+//!
+//! Decode steps (≤ 3 rows) fuse the decode into dot products, so every weight
+//! byte is read once; larger segments decode a 16-column strip into the f32
+//! panel of the dense packed kernel and reuse its 6×16 FMA tile.
+
+use super::gemm_cpu::{has_avx2, KC, MR, NR, SKINNY_MAX_ROWS};
+use crate::quant::fp8_codec::E4M3_LUT;
+use crate::quant::mxfp4_codec::{e2m1_to_f32, MX_GROUP};
+use std::sync::LazyLock;
+
+/// `2^(e − 128)`: the e8m0 scale halved, because the decoder yields 2·e2m1.
+static MX_HALF_SCALE: LazyLock<[f32; 256]> =
+    LazyLock::new(|| std::array::from_fn(|e| 2f32.powi(e as i32 - 128)));
+
+/// One expert's quantized weight matrix `[n, k]`.
+#[derive(Clone, Copy, Debug)]
+pub enum QMat<'a> {
+    /// e4m3 bytes `[n, k]`; scales `[ceil(n/bn), ceil(k/bk)]`.
+    Fp8 {
+        q: &'a [u8],
+        scales: &'a [f32],
+        k: usize,
+        bn: usize,
+        bk: usize,
+    },
+    /// Packed e2m1 `[n, k/2]`; e8m0 scales `[n, k/32]`.
+    Mxfp4 {
+        q: &'a [u8],
+        scales: &'a [u8],
+        k: usize,
+    },
+}
+
+impl QMat<'_> {
+    pub fn k(&self) -> usize {
+        match *self {
+            Self::Fp8 { k, .. } | Self::Mxfp4 { k, .. } => k,
+        }
+    }
+
+    /// Bytes of one weight row (scales excluded).
+    pub fn row_bytes(&self) -> usize {
+        match *self {
+            Self::Fp8 { k, .. } => k,
+            Self::Mxfp4 { k, .. } => k / 2,
+        }
+    }
+
+    /// Portable decode of `out.len()` values of row `n` from column `k0`.
+    fn decode_scalar(&self, n: usize, k0: usize, out: &mut [f32]) {
+        match *self {
+            Self::Fp8 {
+                q,
+                scales,
+                k,
+                bn,
+                bk,
+            } => {
+                let kb = k.div_ceil(bk);
+                for (j, o) in out.iter_mut().enumerate() {
+                    let c = k0 + j;
+                    *o = E4M3_LUT[q[n * k + c] as usize] * scales[(n / bn) * kb + c / bk];
+                }
+            }
+            Self::Mxfp4 { q, scales, k } => {
+                for (j, o) in out.iter_mut().enumerate() {
+                    let c = k0 + j;
+                    let b = q[(n * k + c) / 2];
+                    let nib = if c.is_multiple_of(2) { b & 0xf } else { b >> 4 };
+                    let s = MX_HALF_SCALE[scales[(n * k + c) / MX_GROUP] as usize] * 2.0;
+                    *o = e2m1_to_f32(nib) * s;
+                }
+            }
+        }
+    }
+}
+
+/// Checks that `m` can run through these kernels; returns a reason if not.
+pub fn check_qmat(m: &QMat<'_>, n: usize) -> Result<(), String> {
+    match *m {
+        QMat::Fp8 {
+            q,
+            scales,
+            k,
+            bn,
+            bk,
+        } => {
+            if bn == 0 || bk == 0 {
+                return Err("fp8 block size must be positive".into());
+            }
+            if bk < k && !bk.is_multiple_of(16) {
+                return Err(format!(
+                    "fp8 block size along K ({bk}) must be a multiple of 16 or cover K ({k})"
+                ));
+            }
+            if q.len() < n * k || scales.len() < n.div_ceil(bn) * k.div_ceil(bk) {
+                return Err("fp8 weights or scales too short".into());
+            }
+        }
+        QMat::Mxfp4 { q, scales, k } => {
+            if !k.is_multiple_of(MX_GROUP) {
+                return Err(format!("mxfp4 needs K ({k}) to be a multiple of 32"));
+            }
+            if q.len() < n * k / 2 || scales.len() < n * k / MX_GROUP {
+                return Err("mxfp4 weights or scales too short".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One tile: activation rows `a` (each K long) times `dequant(w)[n0..n1]ᵀ`,
+/// written to `c[i] + (0..n1-n0)`.
+pub struct QTile<'a> {
+    pub a: &'a [*const f32],
+    pub w: QMat<'a>,
+    pub n0: usize,
+    pub n1: usize,
+    pub c: &'a [*mut f32],
+}
+
+/// Computes the tile (overwriting `c`).
+///
+/// # Safety
+/// As [`super::gemm_cpu::gemm_tile`]; `w` must have passed [`check_qmat`]
+/// for at least `n1` rows.
+pub unsafe fn qgemm_tile(t: &QTile<'_>) {
+    qgemm_tile_with(t, Isa::detect())
+}
+
+/// Instruction sets the kernels can use (tests run each one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL + BF16 for the decode kernels (AVX2 for the rest).
+    Avx512Bf16,
+}
+
+impl Isa {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static ISA: OnceLock<Isa> = OnceLock::new();
+            *ISA.get_or_init(|| {
+                if !has_avx2() {
+                    Isa::Portable
+                } else if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bf16")
+                {
+                    Isa::Avx512Bf16
+                } else {
+                    Isa::Avx2
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Isa::Portable
+        }
+    }
+}
+
+/// [`qgemm_tile`] with an explicit instruction set.
+///
+/// # Safety
+/// As [`qgemm_tile`], and the CPU must support `isa` (at most [`Isa::detect`]).
+pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx512Bf16 if t.a.len() <= SKINNY_MAX_ROWS => return avx512::skinny(t),
+        Isa::Avx2 | Isa::Avx512Bf16 => {
+            if t.a.len() <= SKINNY_MAX_ROWS {
+                return avx2::skinny(t);
+            }
+            return avx2::packed(t);
+        }
+        Isa::Portable => {}
+    }
+    portable(t)
+}
+
+unsafe fn portable(t: &QTile<'_>) {
+    let k = t.w.k();
+    let mut row = vec![0f32; k];
+    for n in t.n0..t.n1 {
+        t.w.decode_scalar(n, 0, &mut row);
+        for (&a, &c) in t.a.iter().zip(t.c) {
+            let a = std::slice::from_raw_parts(a, k);
+            *c.add(n - t.n0) = a.iter().zip(&row).map(|(x, y)| x * y).sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::fp8_codec::e4m3_to_f32;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+        fn f(&mut self) -> f32 {
+            (self.next() % 20001) as f32 / 10000.0 - 1.0
+        }
+    }
+
+    /// Every kernel path (skinny 1-3 rows, packed) against a scalar dot
+    /// product over the dequantized weights.
+    fn isas() -> Vec<Isa> {
+        let best = Isa::detect();
+        let mut v = vec![Isa::Portable];
+        if best != Isa::Portable {
+            v.push(Isa::Avx2);
+        }
+        if best == Isa::Avx512Bf16 {
+            v.push(Isa::Avx512Bf16);
+        }
+        v
+    }
+
+    fn check(w: QMat<'_>, n: usize, deq: &dyn Fn(usize, usize) -> f32) {
+        for isa in isas() {
+            check_isa(w, n, deq, isa);
+        }
+    }
+
+    fn check_isa(w: QMat<'_>, n: usize, deq: &dyn Fn(usize, usize) -> f32, isa: Isa) {
+        let k = w.k();
+        let mut rng = Lcg(7);
+        for m in [1usize, 2, 3, 5, 13] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
+            let mut c = vec![0f32; m * n];
+            let ap: Vec<*const f32> = (0..m).map(|r| unsafe { a.as_ptr().add(r * k) }).collect();
+            let cp: Vec<*mut f32> = (0..m)
+                .map(|r| unsafe { c.as_mut_ptr().add(r * n) })
+                .collect();
+            unsafe {
+                qgemm_tile_with(
+                    &QTile {
+                        a: &ap,
+                        w,
+                        n0: 0,
+                        n1: n,
+                        c: &cp,
+                    },
+                    isa,
+                )
+            };
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|x| a[r * k + x] * deq(j, x)).sum();
+                    let terms: f32 = (0..k).map(|x| (a[r * k + x] * deq(j, x)).abs()).sum();
+                    let got = c[r * n + j];
+                    // f32 paths: rounding of the sum; the bf16 dot product
+                    // keeps ~16 bits of each activation (high part + residual)
+                    let rel = if isa == Isa::Avx512Bf16 && matches!(w, QMat::Mxfp4 { .. }) {
+                        3e-5
+                    } else {
+                        1e-6
+                    };
+                    assert!(
+                        (got - want).abs() <= rel * terms + 1e-6,
+                        "{isa:?} m={m} row {r} col {j}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_paths_match_dequantized_reference() {
+        // odd sizes: partial blocks in N and K, a K tail that is not a multiple of 16
+        for (n, k, bn, bk) in [
+            (37usize, 300usize, 128usize, 128usize),
+            (21, 77, 1, 77),
+            (9, 48, 9, 48),
+            (20, 64, 16, 32),
+        ] {
+            let mut rng = Lcg(n as u64);
+            let q: Vec<u8> = (0..n * k)
+                .map(|_| {
+                    let b = (rng.next() % 256) as u8;
+                    if b & 0x7f == 0x7f {
+                        0
+                    } else {
+                        b
+                    }
+                })
+                .collect();
+            let kb = k.div_ceil(bk);
+            let scales: Vec<f32> = (0..n.div_ceil(bn) * kb)
+                .map(|_| 0.001 + rng.f().abs() * 0.01)
+                .collect();
+            let w = QMat::Fp8 {
+                q: &q,
+                scales: &scales,
+                k,
+                bn,
+                bk,
+            };
+            check_qmat(&w, n).unwrap();
+            check(w, n, &|r, c| {
+                e4m3_to_f32(q[r * k + c]) * scales[(r / bn) * kb + c / bk]
+            });
+        }
+    }
+
+    #[test]
+    fn mxfp4_paths_match_dequantized_reference() {
+        for (n, k) in [(19usize, 96usize), (33, 288)] {
+            let mut rng = Lcg(k as u64);
+            let q: Vec<u8> = (0..n * k / 2).map(|_| (rng.next() % 256) as u8).collect();
+            let scales: Vec<u8> = (0..n * k / 32)
+                .map(|_| 120 + (rng.next() % 10) as u8)
+                .collect();
+            let w = QMat::Mxfp4 {
+                q: &q,
+                scales: &scales,
+                k,
+            };
+            check_qmat(&w, n).unwrap();
+            check(w, n, &|r, c| {
+                let b = q[(r * k + c) / 2];
+                let nib = if c % 2 == 0 { b & 0xf } else { b >> 4 };
+                e2m1_to_f32(nib) * crate::quant::mxfp4_codec::e8m0_to_f32(scales[(r * k + c) / 32])
+            });
+        }
+    }
+}
