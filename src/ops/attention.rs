@@ -45,6 +45,9 @@ struct MetaInner {
     tables: Vec<u32>,
     table_off: Vec<usize>,
     num_slots: usize,
+    /// The scatter index of [`write_kv`] (`[T, width]` slot ids), built by
+    /// the first layer of a forward and reused by the others.
+    slot_index: std::sync::OnceLock<Tensor>,
 }
 
 /// Where every token of a flat batch sits in the paged cache. Constructed
@@ -69,6 +72,7 @@ impl PagedAttentionMeta {
             tables: Vec::new(),
             table_off: vec![0],
             num_slots: num_blocks * block_size,
+            slot_index: std::sync::OnceLock::new(),
         };
         for (si, s) in seqs.iter().enumerate() {
             let end = s.start + s.len;
@@ -160,12 +164,24 @@ pub fn write_kv(
         return Ok(());
     }
     let w = kvh * d;
-    let idx: Vec<u32> = meta
-        .slots()
-        .iter()
-        .flat_map(|&s| std::iter::repeat_n(s, w))
-        .collect();
-    let idx = Tensor::from_vec(idx, (t, w), k.device())?;
+    let build = || -> Result<Tensor> {
+        let idx: Vec<u32> = meta
+            .slots()
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s, w))
+            .collect();
+        Tensor::from_vec(idx, (t, w), k.device())
+    };
+    // every layer of a forward writes the same slots: one index per forward
+    let idx = match meta.0.slot_index.get() {
+        Some(i) if i.dims() == [t, w] && i.device().same_device(k.device()) => i.clone(),
+        Some(_) => build()?,
+        None => {
+            let i = build()?;
+            meta.0.slot_index.set(i.clone()).ok();
+            i
+        }
+    };
     k_cache
         .reshape((slots, w))?
         .scatter_set(&idx, &k.reshape((t, w))?.contiguous()?, 0)?;

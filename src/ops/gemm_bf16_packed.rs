@@ -9,6 +9,7 @@
 //! Used by the dense linear op when its input is bf16 (bf16 compute), so no
 //! activation is rounded that was not bf16 already.
 
+use super::gemm_bf16_avx512::mask16;
 use half::bf16;
 use std::arch::x86_64::*;
 
@@ -142,15 +143,6 @@ unsafe fn tile<const M: usize>(
         let hi = mask16(cols.saturating_sub(16));
         _mm512_mask_storeu_ps(c[r], lo, acc[r][0]);
         _mm512_mask_storeu_ps(c[r].add(16), hi, acc[r][1]);
-    }
-}
-
-#[inline]
-fn mask16(n: usize) -> u16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        ((1u32 << n) - 1) as u16
     }
 }
 

@@ -137,7 +137,7 @@ fn segments(
 }
 
 /// The f32 slice behind a held storage guard.
-fn slice<'a, G: std::ops::Deref<Target = Storage>>(
+pub(super) fn slice<'a, G: std::ops::Deref<Target = Storage>>(
     g: &'a Option<(G, &Layout)>,
     what: &str,
 ) -> Result<Option<&'a [f32]>> {
@@ -145,23 +145,20 @@ fn slice<'a, G: std::ops::Deref<Target = Storage>>(
         None => Ok(None),
         Some((st, l)) => match &**st {
             Storage::Cpu(c) => Ok(Some(contiguous::<f32>(c, l, what)?)),
-            _ => bail!("grouped gemm: {what} must be on the cpu"),
+            _ => bail!("{what} must be on the cpu"),
         },
     }
 }
 
 /// An optional operand as a flat, contiguous f32 cpu tensor: a cheap handle
 /// (no copy) when it already is one, as the experts keep their biases.
-fn f32_field(t: &Option<Tensor>, what: &str, len: usize) -> Result<Option<Tensor>> {
+pub(super) fn f32_field(t: &Option<Tensor>, what: &str, len: usize) -> Result<Option<Tensor>> {
     let Some(t) = t else { return Ok(None) };
     if t.elem_count() != len {
-        bail!(
-            "grouped gemm: {what} has {} elements, expected {len}",
-            t.elem_count()
-        )
+        bail!("{what} has {} elements, expected {len}", t.elem_count())
     }
     if !t.device().is_cpu() {
-        bail!("grouped gemm: {what} must be on the cpu like the activations")
+        bail!("{what} must be on the cpu like the activations")
     }
     Ok(Some(t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?))
 }
@@ -187,8 +184,12 @@ impl GroupedGemm {
         let l = &self.layout;
         let row_div = self.args.row_div.max(1);
         let segs = segments(buf, l, num_a_rows, row_div, e_local)?;
-        let bias_t = f32_field(&self.args.bias, "bias", e_local * n)?;
-        let weights_t = f32_field(&self.args.topk_weights, "topk weights", l.numel)?;
+        let bias_t = f32_field(&self.args.bias, "grouped gemm bias", e_local * n)?;
+        let weights_t = f32_field(
+            &self.args.topk_weights,
+            "grouped gemm topk weights",
+            l.numel,
+        )?;
         let bias_g = bias_t.as_ref().map(|t| t.storage_and_layout());
         let weights_g = weights_t.as_ref().map(|t| t.storage_and_layout());
         let bias = slice(&bias_g, "bias")?;

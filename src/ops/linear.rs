@@ -9,7 +9,7 @@
 
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
 use super::gemm_quant_cpu::{qgemm_tile, QTile};
-use super::grouped_gemm::{packed_bytes, quant_mats};
+use super::grouped_gemm::{f32_field, packed_bytes, quant_mats, slice};
 use super::{contiguous, to_f32_cow, SendPtr, WeightQuant};
 use crate::quant::fp8_codec::fake_quant_fp8_groups;
 use candle_core::backend::BackendStorage;
@@ -211,15 +211,12 @@ impl CustomOp2 for DenseLinear {
         } else {
             self.f32_input(sx, lx, sw, lw, (m, n, k))?
         };
-        if let Some(b) = &self.args.bias {
-            if b.elem_count() != n {
-                bail!("linear: bias has {} elements, expected {n}", b.elem_count())
-            }
-            let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            if n > 0 {
-                out.par_chunks_mut(n)
-                    .for_each(|r| r.iter_mut().zip(&b).for_each(|(o, b)| *o += b));
-            }
+        // an f32 bias (as QLinear keeps it) is read in place, not copied
+        let bias_t = f32_field(&self.args.bias, "linear bias", n)?;
+        let bias_g = bias_t.as_ref().map(|t| t.storage_and_layout());
+        if let (Some(b), true) = (slice(&bias_g, "linear bias")?, n > 0) {
+            out.par_chunks_mut(n)
+                .for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| *o += b));
         }
         let shape = Shape::from((m, n));
         Ok(match sx.dtype() {

@@ -25,7 +25,10 @@ pub struct QLinear {
 
 impl QLinear {
     /// A float linear over `w` (`[out, in]`) and an optional `[out]` bias.
+    /// The bias is kept in f32 (the kernels add it in f32; no conversion per
+    /// call); an f32 bias is not copied.
     pub fn new(w: Tensor, bias: Option<Tensor>) -> Self {
+        let bias = bias.map(|b| b.to_dtype(DType::F32).unwrap_or(b));
         Self {
             w,
             args: LinearArgs {
