@@ -22,9 +22,9 @@ pub(crate) fn available() -> bool {
 
 /// One activation row as bf16 (high, residual) pairs, 32 per zmm; the tail
 /// past K is zero.
-struct SplitRow {
-    hi: Vec<__m512bh>,
-    lo: Vec<__m512bh>,
+pub(crate) struct SplitRow {
+    pub(crate) hi: Vec<__m512bh>,
+    pub(crate) lo: Vec<__m512bh>,
 }
 
 #[inline]
@@ -52,7 +52,7 @@ pub(super) fn mask16(n: usize) -> u16 {
 /// Splits `k` f32 at `a`; returns the row and whether any residual is
 /// non-zero.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn split_row(a: *const f32, k: usize) -> (SplitRow, bool) {
+pub(crate) unsafe fn split_row(a: *const f32, k: usize) -> (SplitRow, bool) {
     let groups = k.div_ceil(32);
     let (mut hi, mut lo) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
     let mut any = _mm512_setzero_ps();

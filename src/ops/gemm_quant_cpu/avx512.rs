@@ -4,6 +4,7 @@
 //! residual, so the products keep ~16 bits of the f32 activation); FP8 bytes
 //! widen through f16 32 at a time.
 
+use super::super::gemm_bf16_avx512::{split_row, SplitRow};
 use super::*;
 use std::arch::x86_64::*;
 
@@ -26,32 +27,6 @@ static MX_BF16_LUTS: LazyLock<Vec<ScaledLut>> = LazyLock::new(|| {
         })
         .collect()
 });
-
-/// One activation row as bf16 high parts and residuals, 32 per zmm.
-struct SplitRow {
-    hi: Vec<__m512bh>,
-    lo: Vec<__m512bh>,
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn split_row(a: *const f32, k: usize) -> SplitRow {
-    let n = k / 32;
-    let (mut hi, mut lo) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for g in 0..n {
-        let x0 = _mm512_loadu_ps(a.add(32 * g));
-        let x1 = _mm512_loadu_ps(a.add(32 * g + 16));
-        let h = _mm512_cvtne2ps_pbh(x1, x0);
-        // widen the high parts back to f32 (bf16 is the top half of an f32)
-        let hb = _mm512_castsi512_si256(std::mem::transmute::<__m512bh, __m512i>(h));
-        let hb1 = _mm512_extracti64x4_epi64::<1>(std::mem::transmute::<__m512bh, __m512i>(h));
-        let h0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hb)));
-        let h1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hb1)));
-        let l = _mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
-        hi.push(h);
-        lo.push(l);
-    }
-    SplitRow { hi, lo }
-}
 
 /// MXFP4: `NW` rows from `n` against `M` split activation rows. Each
 /// group's scale is folded into the looked-up bf16 weights, so the dot
@@ -181,7 +156,7 @@ unsafe fn fp8_block<const M: usize, const NW: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
     let split: Vec<SplitRow> = match t.w {
-        QMat::Mxfp4 { k, .. } => t.a.iter().map(|&a| split_row(a, k)).collect(),
+        QMat::Mxfp4 { k, .. } => t.a.iter().map(|&a| split_row(a, k).0).collect(),
         QMat::Fp8 { .. } => vec![],
     };
     let block = |n: usize, out: &mut [[f32; NW]; M]| match t.w {
