@@ -149,3 +149,29 @@ fn align_rejects_wrong_dtypes() {
     assert!(moe_align_block_size(&ids, 16, 3, 3, Some(&map)).is_err());
     assert!(moe_align_block_size(&ids, 0, 8, 8, None).is_err());
 }
+
+/// The routing buffer is shared with views a caller can reach; a corrupted
+/// one (a row listed twice, which would let two threads write one output row)
+/// is an error from the grouped GEMM, not a race.
+#[test]
+fn grouped_gemm_rejects_a_routing_with_a_repeated_row() {
+    use candle_core::DType;
+    use candle_moe::ops::{grouped_gemm, GroupedGemmArgs};
+    let dev = Device::Cpu;
+    let ids = Tensor::new(&[[0u32], [0], [1]], &dev).unwrap();
+    let r = moe_align_block_size(&ids, 4, 2, 2, None).unwrap();
+    let a = Tensor::ones((3, 8), DType::F32, &dev).unwrap();
+    let w = Tensor::ones((2, 4, 8), DType::F32, &dev).unwrap();
+    let args = || GroupedGemmArgs {
+        row_div: 1,
+        ..Default::default()
+    };
+    assert!(grouped_gemm(&a, &w, &r, args()).is_ok());
+    // expert 0's block lists rows 0, 1: make it 0, 0
+    r.sorted_token_ids()
+        .unwrap()
+        .slice_set(&Tensor::new(&[0u32], &dev).unwrap(), 0, 1)
+        .unwrap();
+    let e = grouped_gemm(&a, &w, &r, args()).unwrap_err().to_string();
+    assert!(e.contains("appears twice"), "{e}");
+}
