@@ -9,33 +9,19 @@
 //! downloaded once into `~/.cache/candle-moe/gsm8k`.
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::DType;
-use candle_moe_models::gsm8k::{evaluate, load_jsonl, EvalOptions, TextCodec};
-use candle_moe_models::{Checkpoint, LoadOptions, ModelError, QwenMoeForCausalLM};
-use std::path::PathBuf;
+use candle_moe_models::gsm8k::{evaluate, load_jsonl, EvalOptions};
+use candle_moe_models::TextCodec;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 mod common;
 use clap::Parser;
-use common::{compute_dtype, device, expert_dtype, parse_dtype, quant_scheme, resolve};
+use common::load::ModelArgs;
+
+const BUNDLED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-qwen2-moe");
 
 const DATA_URL: &str =
     "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data";
-
-struct Codec(tokenizers::Tokenizer);
-
-impl TextCodec for Codec {
-    fn encode(&self, text: &str) -> candle_moe_models::Result<Vec<u32>> {
-        self.0
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| ModelError::Config(format!("tokenizer: {e}")))
-    }
-    fn decode(&self, ids: &[u32]) -> candle_moe_models::Result<String> {
-        self.0
-            .decode(ids, true)
-            .map_err(|e| ModelError::Config(format!("tokenizer: {e}")))
-    }
-}
 
 fn data_dir(arg: Option<&str>) -> Result<PathBuf> {
     if let Some(d) = arg {
@@ -67,11 +53,8 @@ fn data_dir(arg: Option<&str>) -> Result<PathBuf> {
 #[derive(Parser, Debug)]
 #[command(about)]
 struct Args {
-    /// Local checkpoint directory or hub id.
-    #[arg(long)]
-    model: String,
-    #[arg(long, default_value = "main")]
-    revision: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Directory with test.jsonl / train.jsonl (default: downloaded once).
     #[arg(long)]
     data_dir: Option<String>,
@@ -80,24 +63,14 @@ struct Args {
     limit: Option<usize>,
     #[arg(long, default_value_t = 5)]
     num_fewshot: usize,
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Questions running at once (continuous batching).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// Quantize a float checkpoint's experts while loading (fp8|mxfp4).
+    /// Bit-identical answers whatever runs beside them (as `server --batch-invariant`).
     #[arg(long)]
-    quant: Option<String>,
-    /// Quantize every other linear but the embeddings and router too (fp8|mxfp4).
-    #[arg(long)]
-    quant_dense: Option<String>,
-    /// Compute dtype (default: bf16 for a bf16 checkpoint or on cuda, else f32).
-    #[arg(long, value_parser = parse_dtype)]
-    dtype: Option<DType>,
-    /// Experts' dtype (default: the checkpoint's bf16/f16 under f32 compute).
-    #[arg(long)]
-    expert_dtype: Option<String>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    batch_invariant: bool,
     /// Write every question's result as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -105,53 +78,44 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let quant = quant_scheme(args.quant.as_deref())?;
-    let quant_dense = quant_scheme(args.quant_dense.as_deref())?;
-    let model = args.model.as_str();
-    let dir = resolve(model, &args.revision)?;
-    let dev = device(&args.device)?;
     let data = data_dir(args.data_dir.as_deref())?;
     let train = load_jsonl(&data.join("train.jsonl"))?;
     let mut test = load_jsonl(&data.join("test.jsonl"))?;
     if let Some(l) = args.limit {
         test.truncate(l);
     }
-    let ck = Checkpoint::open(&dir)?;
-    let dtype = compute_dtype(args.dtype, ck.config.stored_dtype(), &dev);
-    let tok_path = dir.join("tokenizer.json");
-    let codec = Codec(
-        tokenizers::Tokenizer::from_file(&tok_path)
-            .map_err(|e| anyhow!("{}: {e}", tok_path.display()))?,
-    );
-    let edt = expert_dtype(
-        args.expert_dtype.as_deref(),
-        ck.config.stored_dtype(),
-        dtype,
-    )?;
-    let opts = LoadOptions {
-        expert_dtype: edt,
-        quant,
-        quant_dense,
-        ..Default::default()
-    };
-    let m = QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dtype, &dev)?, &opts)?;
+    let o = args.model.open(Path::new(BUNDLED))?;
+    let codec: Arc<dyn TextCodec> = o
+        .tokenizer
+        .clone()
+        .ok_or_else(|| anyhow!("{} has no tokenizer.json", o.dir.display()))?;
     let opts = EvalOptions {
         num_fewshot: args.num_fewshot,
         batch_size: args.batch_size as usize,
         max_new_tokens: args.max_new_tokens,
-        eos: ck.eos_token_ids.clone(),
-        model_name: model.to_string(),
+        eos: o.ck.eos_token_ids.clone(),
+        model_name: o.dir.display().to_string(),
+        batch_invariant: args.batch_invariant,
     };
-    let bar = indicatif::ProgressBar::new(test.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} questions, eta {eta}",
-        )?
-        .progress_chars("#>-"),
-    );
-    let report = evaluate(&m, &codec, &train, &test, &opts, &mut |done, _| {
-        bar.set_position(done as u64)
+    let report = args.model.run(&o, |m, followers| {
+        let bar = indicatif::ProgressBar::new(test.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} questions, eta {eta}",
+            )?
+            .progress_chars("#>-"),
+        );
+        let r = evaluate(
+            &m,
+            codec,
+            &train,
+            &test,
+            &opts,
+            followers,
+            &mut |done, _| bar.set_position(done as u64),
+        )?;
+        bar.finish();
+        Ok(r)
     })?;
-    bar.finish();
     println!(
         "accuracy {:.4} ± {:.4}  invalid {:.4}  questions {}  wall {:.1}s  prompt {:.1} tok/s  generated {:.1} tok/s",
         report.accuracy,

@@ -276,13 +276,26 @@ fn bad_layouts_are_errors() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("block 1"), "{e}");
-    // two sequences sharing a block would race on its slots
+    // two sequences writing the same slots would race on them
     let s = SeqSpan {
         start: 0,
         len: 2,
         blocks: &blocks[..1],
     };
-    assert!(PagedAttentionMeta::new(4, 4, &[s, s]).is_err());
+    let e = PagedAttentionMeta::new(4, 4, &[s, s]).unwrap_err();
+    assert!(e.to_string().contains("write cache slot"), "{e}");
+    // sharing a prefix block they only read is fine (prefix caching)
+    let (b1, b2) = ([0u32, 1], [0u32, 2]);
+    let reader = |b| SeqSpan {
+        start: 4,
+        len: 1,
+        blocks: b,
+    };
+    assert!(PagedAttentionMeta::new(4, 4, &[reader(&b1), reader(&b2)]).is_ok());
+    // but one table naming a block twice is a broken table
+    let twice = [3u32, 3];
+    let e = PagedAttentionMeta::new(4, 4, &[reader(&twice)]).unwrap_err();
+    assert!(e.to_string().contains("block 3 twice"), "{e}");
     assert!(PagedAttentionMeta::new(0, 4, &[s]).is_err());
     // shapes that do not match the layout
     let meta = PagedAttentionMeta::new(4, 4, &[s]).unwrap();

@@ -3,7 +3,7 @@
 //! transformers' greedy continuation; batched greedy equal to batch size 1.
 
 use candle_core::{DType, Device};
-use candle_moe_models::generation::argmax;
+use candle_moe_models::sampling::argmax;
 use candle_moe_models::{
     generate, generate_batch_greedy, Checkpoint, QwenMoeForCausalLM, Sampler, SamplingParams,
 };
@@ -124,7 +124,7 @@ fn generate_matches_transformers_greedy() {
         &m,
         &prompt,
         want.len(),
-        &mut Sampler::new(SamplingParams::default()),
+        SamplingParams::default(),
         &[],
         |_| {
             seen += 1;
@@ -172,7 +172,7 @@ fn batched_greedy_equals_batch_of_one() {
             &m,
             p,
             12,
-            &mut Sampler::new(SamplingParams::default()),
+            SamplingParams::default(),
             &ck.eos_token_ids,
             |_| true,
         )

@@ -4,10 +4,11 @@
 use candle_core::{DType, Device};
 use candle_moe_models::gsm8k::{
     build_prompt, evaluate, extract_answer, load_jsonl, truncate_at_stop, EvalOptions, Problem,
-    TextCodec,
 };
+use candle_moe_models::TextCodec;
 use candle_moe_models::{Checkpoint, Logits, ModelError, QwenMoeForCausalLM, Session};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -91,7 +92,9 @@ fn end_to_end_on_tiny_checkpoint_batch_1_equals_4() {
     assert_eq!((train.len(), test.len()), (5, 6));
     let dir = root().join("models/tiny-qwen2-moe");
     let ck = Checkpoint::open(&dir).unwrap();
-    let codec = Codec(tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap());
+    let codec = Arc::new(Codec(
+        tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap(),
+    ));
     let m = QwenMoeForCausalLM::new(
         &ck.config,
         ck.var_builder(DType::F32, &Device::Cpu).unwrap(),
@@ -104,10 +107,20 @@ fn end_to_end_on_tiny_checkpoint_batch_1_equals_4() {
             max_new_tokens: 24,
             eos: ck.eos_token_ids.clone(),
             model_name: "tiny".into(),
+            batch_invariant: false,
         };
         let mut calls = 0;
-        let r = evaluate(m, &codec, &train, &test[..5], &opts, &mut |_, _| calls += 1).unwrap();
-        assert_eq!(calls, 5usize.div_ceil(bs));
+        let r = evaluate(
+            m,
+            codec.clone(),
+            &train,
+            &test[..5],
+            &opts,
+            vec![],
+            &mut |_, _| calls += 1,
+        )
+        .unwrap();
+        assert_eq!(calls, 5, "progress once per question");
         r
     };
     let r1 = run(&m, 1);
@@ -163,7 +176,9 @@ fn end_to_end_with_fp8_experts_batch_1_equals_3() {
     let test = load_jsonl(&data.join("test.jsonl")).unwrap();
     let dir = root().join("models/tiny-qwen2-moe");
     let ck = Checkpoint::open(&dir).unwrap();
-    let codec = Codec(tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap());
+    let codec = Arc::new(Codec(
+        tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap(),
+    ));
     let opts = candle_moe_models::LoadOptions {
         quant: Some(candle_moe::quant::QuantScheme::on_load("fp8").unwrap()),
         ..Default::default()
@@ -179,13 +194,22 @@ fn end_to_end_with_fp8_experts_batch_1_equals_3() {
             max_new_tokens: 16,
             eos: ck.eos_token_ids.clone(),
             model_name: "tiny-fp8".into(),
+            batch_invariant: false,
         };
-        evaluate(m, &codec, &train, &test[..3], &opts, &mut |_, _| {})
-            .unwrap()
-            .per_question
-            .into_iter()
-            .map(|q| q.generated)
-            .collect::<Vec<_>>()
+        evaluate(
+            m,
+            codec.clone(),
+            &train,
+            &test[..3],
+            &opts,
+            vec![],
+            &mut |_, _| {},
+        )
+        .unwrap()
+        .per_question
+        .into_iter()
+        .map(|q| q.generated)
+        .collect::<Vec<_>>()
     };
     let g1 = run(&m, 1);
     assert_eq!(g1, run(&m, 3), "batch size 3 must give the batch-1 results");

@@ -1,6 +1,8 @@
 //! Helpers shared by the examples: device selection and model resolution.
 #![allow(dead_code)]
 
+pub mod load;
+
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};

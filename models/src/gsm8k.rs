@@ -3,10 +3,13 @@
 //! stop at "Question", "Assistant:", "<|separator|>" or EOS; the score is the
 //! last integer of the output (commas removed) against the label's.
 
+use crate::engine::{Engine, EngineConfig, RequestParams, StepPlan};
 use crate::error::{ModelError, Result};
-use crate::generation::generate_batch_greedy_until;
 use crate::model::CausalLm;
+use crate::text::TextCodec;
 use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub const STOP_STRINGS: &[&str] = &["Question", "Assistant:", "<|separator|>"];
@@ -112,28 +115,30 @@ pub struct Report {
     pub per_question: Vec<QuestionResult>,
 }
 
-/// Text ↔ ids, so this module does not depend on a tokenizer crate.
-pub trait TextCodec {
-    fn encode(&self, text: &str) -> Result<Vec<u32>>;
-    fn decode(&self, ids: &[u32]) -> Result<String>;
-}
-
 pub struct EvalOptions {
     pub num_fewshot: usize,
+    /// Sequences running at once.
     pub batch_size: usize,
     pub max_new_tokens: usize,
     pub eos: Vec<u32>,
     pub model_name: String,
+    /// Bit-identical per question whatever runs beside it (see
+    /// [`EngineConfig::batch_invariant`]), as the server runs with the flag.
+    pub batch_invariant: bool,
 }
 
-/// Runs the evaluation over `test` with shots from `train`; `progress(done,
-/// total)` is called after every batch.
+/// Runs the evaluation over `test` with shots from `train` on the engine
+/// (every question queued at once, the shots' KV blocks shared through the
+/// prefix cache; `followers`: expert-parallel ranks, see
+/// [`crate::engine::follow`]); `progress(done, total)` is called as
+/// questions finish.
 pub fn evaluate(
     model: &dyn CausalLm,
-    codec: &dyn TextCodec,
+    codec: Arc<dyn TextCodec>,
     train: &[Problem],
     test: &[Problem],
     opts: &EvalOptions,
+    followers: Vec<Sender<Arc<StepPlan>>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Report> {
     if opts.num_fewshot > train.len() {
@@ -145,47 +150,57 @@ pub fn evaluate(
     }
     let shots = &train[..opts.num_fewshot];
     let t0 = Instant::now();
-    let (mut prompt_tokens, mut generated_tokens) = (0, 0);
-    let mut results = Vec::with_capacity(test.len());
-    let bs = opts.batch_size.max(1);
-    for (bi, chunk) in test.chunks(bs).enumerate() {
-        let prompts = chunk
-            .iter()
-            .map(|p| codec.encode(&build_prompt(shots, &p.question)))
-            .collect::<Result<Vec<_>>>()?;
-        prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
-        let mut stop = |_: usize, ids: &[u32]| -> bool {
-            // decode only the tail: a stop string spans at most a few tokens
-            let tail = &ids[ids.len().saturating_sub(8)..];
-            codec
-                .decode(tail)
-                .map(|t| STOP_STRINGS.iter().any(|s| t.contains(s)))
-                .unwrap_or(false)
+    let prompts = test
+        .iter()
+        .map(|p| codec.encode(&build_prompt(shots, &p.question)))
+        .collect::<Result<Vec<_>>>()?;
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut cfg = EngineConfig::for_batch(model, opts.batch_size, longest + opts.max_new_tokens);
+    cfg.batch_invariant = opts.batch_invariant;
+    let mut engine = Engine::new(model, Some(codec), cfg)?.with_followers(followers);
+    for (i, p) in prompts.into_iter().enumerate() {
+        let params = RequestParams {
+            max_tokens: opts.max_new_tokens,
+            stop: STOP_STRINGS.iter().map(|s| s.to_string()).collect(),
+            ignore_eos: true,
+            stop_token_ids: opts.eos.clone(),
+            ..Default::default()
         };
-        let outs = generate_batch_greedy_until(
-            model,
-            &prompts,
-            opts.max_new_tokens,
-            &opts.eos,
-            &mut stop,
-        )?;
-        for (j, (p, ids)) in chunk.iter().zip(outs).enumerate() {
-            generated_tokens += ids.len();
-            let ids: Vec<u32> = ids.into_iter().filter(|t| !opts.eos.contains(t)).collect();
-            let text = codec.decode(&ids)?;
-            let generated = truncate_at_stop(&text).to_string();
+        engine.add_request(i as u64, p, params)?;
+    }
+    let mut texts = vec![String::new(); test.len()];
+    let (mut done, mut generated_tokens) = (0, 0);
+    while engine.has_work() {
+        for o in engine.step()? {
+            let i = o.id as usize;
+            texts[i].push_str(&o.text);
+            if o.finish.is_some() {
+                if let Some(e) = o.error {
+                    return Err(ModelError::Input(format!("question {i}: {e}")));
+                }
+                generated_tokens += o.completion_tokens;
+                done += 1;
+                progress(done, test.len());
+            }
+        }
+    }
+    let results: Vec<QuestionResult> = test
+        .iter()
+        .zip(texts)
+        .enumerate()
+        .map(|(index, (p, generated))| {
             let pred = extract_answer(&generated);
             let label = extract_answer(&p.answer);
-            results.push(QuestionResult {
-                index: bi * bs + j,
+            QuestionResult {
+                index,
                 correct: pred.is_some() && pred == label,
                 generated,
                 pred,
                 label,
-            });
-        }
-        progress(results.len(), test.len());
-    }
+            }
+        })
+        .collect();
     let latency_s = t0.elapsed().as_secs_f64();
     let n = results.len().max(1) as f64;
     let accuracy = results.iter().filter(|r| r.correct).count() as f64 / n;

@@ -4,7 +4,10 @@
 //! order); a step writes only its new tokens' slots, so nothing is copied per
 //! step and sequences of any lengths share one step (the layout vLLM's
 //! PagedAttention uses, served by `candle_moe::ops::paged_attention`).
+//! Sequences with a common prompt prefix can share its full blocks
+//! ([`KvCache::match_prefix`] / [`KvCache::commit_prefix`]).
 
+use crate::block_pool::{BlockPool, ROOT};
 use crate::error::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -17,6 +20,9 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 pub struct BlockTable {
     blocks: Vec<u32>,
     len: usize,
+    /// Leading blocks keyed in the prefix index, and the last one's hash.
+    keyed: usize,
+    last_hash: u64,
 }
 
 impl BlockTable {
@@ -53,7 +59,7 @@ pub struct KvCache {
     shape: KvCacheShape,
     block_size: usize,
     num_blocks: usize,
-    free: Vec<u32>,
+    pool: BlockPool,
 }
 
 impl KvCache {
@@ -87,8 +93,7 @@ impl KvCache {
             shape,
             block_size,
             num_blocks,
-            // popped from the back: blocks are handed out in increasing order
-            free: (0..num_blocks as u32).rev().collect(),
+            pool: BlockPool::new(num_blocks),
         })
     }
 
@@ -103,8 +108,9 @@ impl KvCache {
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }
+    /// Blocks a sequence can still get (free, or holding an idle cached prefix).
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.pool.available()
     }
     pub fn shape(&self) -> KvCacheShape {
         self.shape
@@ -124,23 +130,67 @@ impl KvCache {
     /// change) when the cache has too few free blocks.
     pub fn reserve(&mut self, table: &mut BlockTable, len: usize) -> Result<()> {
         let need = self.blocks_needed(table, len);
-        if need > self.free.len() {
-            return Err(ModelError::CacheFull {
-                needed: need,
-                free: self.free.len(),
-            });
-        }
-        for _ in 0..need {
-            if let Some(b) = self.free.pop() {
-                table.blocks.push(b);
+        match self.pool.alloc(need) {
+            Some(b) => {
+                table.blocks.extend(b);
+                Ok(())
             }
+            None => Err(ModelError::CacheFull {
+                needed: need,
+                free: self.pool.available(),
+            }),
         }
-        Ok(())
     }
 
-    /// Returns `table`'s blocks to the free list and empties it.
+    /// Drops `table`'s hold on its blocks and empties it (blocks holding a
+    /// cached prefix stay findable until they are needed).
     pub fn release(&mut self, table: &mut BlockTable) {
-        self.free.extend(table.blocks.drain(..).rev());
-        table.len = 0;
+        self.pool.release(&table.blocks);
+        *table = BlockTable::default();
+    }
+
+    /// Starts empty `table` on the cached blocks of `tokens`' longest cached
+    /// prefix of whole blocks, leaving at least one token to compute; returns
+    /// the positions it now holds.
+    pub fn match_prefix(&mut self, table: &mut BlockTable, tokens: &[u32]) -> usize {
+        if !table.blocks.is_empty() {
+            return table.len;
+        }
+        let bs = self.block_size;
+        let mut parent = ROOT;
+        for chunk in tokens[..tokens.len().saturating_sub(1)].chunks_exact(bs) {
+            match self.pool.lookup(parent, chunk) {
+                Some((b, h)) => {
+                    table.blocks.push(b);
+                    parent = h;
+                }
+                None => break,
+            }
+        }
+        table.keyed = table.blocks.len();
+        table.last_hash = parent;
+        table.len = table.blocks.len() * bs;
+        table.len
+    }
+
+    /// Keys `table`'s full blocks (holding `tokens[..table.len()]`) in the
+    /// prefix index.
+    pub fn commit_prefix(&mut self, table: &mut BlockTable, tokens: &[u32]) {
+        let bs = self.block_size;
+        let full = table.len.min(tokens.len()) / bs;
+        while table.keyed < full {
+            let k = table.keyed;
+            let parent = if k == 0 { ROOT } else { table.last_hash };
+            let h = self
+                .pool
+                .register(table.blocks[k], parent, &tokens[k * bs..(k + 1) * bs]);
+            table.last_hash = h;
+            table.keyed += 1;
+        }
+    }
+
+    /// Forgets every cached prefix.
+    pub fn clear_prefixes(&mut self) {
+        self.pool.clear_prefixes();
     }
 }

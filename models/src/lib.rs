@@ -16,8 +16,10 @@
 //! # Ok::<(), candle_moe_models::ModelError>(())
 //! ```
 
+mod block_pool;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod gsm8k;
@@ -25,14 +27,16 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod qwen_moe;
+pub mod sampling;
+pub mod text;
 
 pub use checkpoint::Checkpoint;
 pub use config::{Arch, QwenMoeConfig};
+pub use engine::{Engine, EngineConfig, FinishReason, RequestOutput, RequestParams};
 pub use error::{ModelError, Result};
-pub use generation::{
-    generate, generate_batch_greedy, generate_batch_greedy_until, Generation, Sampler,
-    SamplingParams, Session,
-};
+pub use generation::{generate, generate_batch_greedy, Generation, Session};
 pub use kv_cache::{BlockTable, KvCache, KvCacheShape};
 pub use model::{CausalLm, Logits, ModelInfo, SeqInput};
 pub use qwen_moe::{LoadOptions, QwenMoeForCausalLM};
+pub use sampling::{Sampler, SamplingParams, TokenLogprob};
+pub use text::{HfTokenizer, TextCodec};

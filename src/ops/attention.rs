@@ -99,15 +99,25 @@ impl PagedAttentionMeta {
             m.tables.extend_from_slice(table);
             m.table_off.push(m.tables.len());
         }
-        // one writer per slot: a block shared by two rows of the batch, or
-        // named twice in one table, would let two tokens write one slot
-        let mut seen = vec![false; num_blocks];
+        // a table names each block once (sequences may share blocks: a
+        // common prefix, read only) ...
+        let mut mark = vec![0u32; num_blocks];
         for s in 0..seqs.len() {
             for &b in &m.tables[m.table_off[s]..m.table_off[s + 1]] {
-                if std::mem::replace(&mut seen[b as usize], true) {
-                    bail!("paged attention: block {b} appears twice in the batch's block tables")
+                if std::mem::replace(&mut mark[b as usize], s as u32 + 1) == s as u32 + 1 {
+                    bail!("paged attention: sequence {s} names block {b} twice")
                 }
             }
+        }
+        // ... and one token writes each slot
+        let mut written = m.slots.clone();
+        written.sort_unstable();
+        if let Some(w) = written.windows(2).find(|w| w[0] == w[1]) {
+            bail!(
+                "paged attention: two tokens of the batch write cache slot {} (block {})",
+                w[0],
+                w[0] as usize / block_size
+            )
         }
         Ok(Self(Arc::new(m)))
     }
