@@ -4,6 +4,8 @@
     /tmp/venv/bin/python scripts/make_fixtures.py tests/fixtures
     /tmp/venv/bin/python scripts/make_fixtures.py - --bundled models/tiny-qwen2-moe \
         ../shared/data/qwen2-tokenizer/tokenizer.json
+    /tmp/venv/bin/python scripts/make_fixtures.py - --chat-qwen3 tests/fixtures/tiny-qwen3-moe-chat \
+        ../shared/data/qwen2-tokenizer/tokenizer.json
 
 Each fixture directory holds what `save_pretrained` writes (config.json, safetensors,
 possibly sharded with an index) plus `expected.json`: for a few prompts, the f32 logits at
@@ -140,9 +142,54 @@ def make_bundled(out_dir, tokenizer_json):
     shutil.copy(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
 
 
+# A ChatML template with a default system turn, written for this fixture; it uses
+# Python string methods and trim_blocks/lstrip_blocks as real templates do.
+CHAT_TEMPLATE = """{%- if messages[0].role != 'system' %}
+<|im_start|>system
+You are a careful assistant.<|im_end|>
+{% endif %}
+{%- for m in messages %}
+<|im_start|>{{ m.role }}
+{{ m.content.strip() }}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% if enable_thinking is defined and not enable_thinking %}<think>
+
+</think>
+
+{% endif %}
+{%- endif %}"""
+
+
+def make_chat_qwen3(out_dir, tokenizer_json):
+    """A transformers-made tiny Qwen3-MoE with the real Qwen2 tokenizer and a chat template
+    in tokenizer_config.json, for the server checks: 2 layers, hidden 16, 8 experts top-2,
+    bf16, tied embeddings (~5 MB)."""
+    import shutil
+    cfg = Qwen3MoeConfig(vocab_size=151646, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=8, intermediate_size=32, moe_intermediate_size=16,
+                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=True,
+                         max_position_embeddings=4096, rope_theta=1000000.0, bos_token_id=151643,
+                         eos_token_id=151645)
+    torch.manual_seed(11)
+    model = Qwen3MoeForCausalLM(cfg)
+    scale_weights(model, 11)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    shutil.copy(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None,
+                   "tokenizer_class": "Qwen2Tokenizer"}, f, indent=1)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [151645, 151643], "bos_token_id": 151643}, f, indent=1)
+
+
 if __name__ == "__main__":
     # make_fixtures.py [tests/fixtures] [--bundled models/tiny-qwen2-moe TOKENIZER_JSON]
+    #                  [--chat-qwen3 tests/fixtures/tiny-qwen3-moe-chat TOKENIZER_JSON]
     if len(sys.argv) > 2 and sys.argv[2] == "--bundled":
         make_bundled(sys.argv[3], sys.argv[4])
+    elif len(sys.argv) > 2 and sys.argv[2] == "--chat-qwen3":
+        make_chat_qwen3(sys.argv[3], sys.argv[4])
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")

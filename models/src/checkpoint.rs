@@ -29,7 +29,7 @@ impl Checkpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let cfg_path = dir.join("config.json");
-        let config = QwenMoeConfig::from_json_str(&read(&cfg_path)?).map_err(|e| match e {
+        let mut config = QwenMoeConfig::from_json_str(&read(&cfg_path)?).map_err(|e| match e {
             ModelError::Config(m) => ModelError::file(&cfg_path, m),
             o => o,
         })?;
@@ -71,6 +71,8 @@ impl Checkpoint {
         if eos_token_ids.is_empty() {
             eos_token_ids = config.eos_token_ids.clone();
         }
+        // the model reports generation_config.json's EOS (as transformers stops on it)
+        config.eos_token_ids = eos_token_ids.clone();
         Ok(Self {
             dir,
             config,
