@@ -275,3 +275,51 @@ fn stop_conditions_abort_and_bad_requests() {
     let b = drive(&mut e, std::slice::from_ref(&p), &[0], &sampled).remove(0);
     assert_eq!(a.0, b.0);
 }
+
+/// Expert parallelism under the engine: rank 0 schedules and samples, rank 1
+/// follows its plans (`engine::follow`); continuous batching with requests
+/// joining mid-run gives the single-rank tokens.
+#[test]
+fn expert_parallel_ranks_follow_rank_0() {
+    use candle_moe::dist::{Communicator, ThreadWorld};
+    use candle_moe::{EpConfig, PlacementStrategy};
+    use candle_moe_models::engine::follow;
+    use candle_moe_models::LoadOptions;
+    let (single, _) = model();
+    let ps = prompts(4, 10);
+    let arrive = [0, 0, 1, 5];
+    let cfg = EngineConfig::for_batch(&single, 4, 64);
+    let mut e = Engine::new(&single, None, cfg.clone()).unwrap();
+    let want = drive(&mut e, &ps, &arrive, &greedy(8));
+    let ck = Checkpoint::open(root().join("models/tiny-qwen2-moe")).unwrap();
+    let load = |comm: Arc<dyn Communicator>| {
+        let opts = LoadOptions {
+            ep: Some((
+                EpConfig::new(2, comm.rank(), PlacementStrategy::Linear),
+                comm,
+            )),
+            ..Default::default()
+        };
+        let vb = ck.var_builder(DType::F32, &Device::Cpu).unwrap();
+        QwenMoeForCausalLM::new_with_options(&ck.config, vb, &opts).unwrap()
+    };
+    let mut comms = ThreadWorld::new(2);
+    let c1 = comms.pop().unwrap();
+    let c0 = comms.pop().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let got = std::thread::scope(|s| {
+        let follower = s.spawn(|| follow(&load(Arc::new(c1)), rx));
+        let m0 = load(Arc::new(c0));
+        let mut e = Engine::new(&m0, None, cfg)
+            .unwrap()
+            .with_followers(vec![tx]);
+        let got = drive(&mut e, &ps, &arrive, &greedy(8));
+        drop(e);
+        follower.join().unwrap().unwrap();
+        got
+    });
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.0, w.0);
+        assert_eq!(g.0.len(), 8);
+    }
+}

@@ -8,7 +8,7 @@
 
 use anyhow::{anyhow, Result};
 use candle_core::Device;
-use candle_moe_models::{Checkpoint, CausalLm, EngineConfig, LoadOptions, QwenMoeForCausalLM};
+use candle_moe_models::{CausalLm, Checkpoint, EngineConfig, LoadOptions, QwenMoeForCausalLM};
 use candle_moe_server::{channel, router, serve, AppState, ChatTemplate};
 use clap::Parser;
 use serde_json::json;
@@ -93,8 +93,11 @@ fn main() -> Result<()> {
             .transpose()?,
         ..Default::default()
     };
-    let model =
-        QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dtype, &Device::Cpu)?, &opts)?;
+    let model = QwenMoeForCausalLM::new_with_options(
+        &ck.config,
+        ck.var_builder(dtype, &Device::Cpu)?,
+        &opts,
+    )?;
     let most = *args.concurrency.iter().max().unwrap_or(&1);
     let mut cfg = EngineConfig::for_batch(&model, most.max(1), args.prompt + args.gen);
     cfg.max_num_seqs = args.max_num_seqs;

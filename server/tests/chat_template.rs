@@ -9,10 +9,12 @@ use std::path::PathBuf;
 
 #[test]
 fn renders_like_transformers() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-qwen3-moe-chat");
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-qwen3-moe-chat");
     let t = ChatTemplate::load(&dir).unwrap();
     let exp: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected_chat.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected_chat.json")).unwrap())
+            .unwrap();
     let cases = exp["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 4);
     for c in cases {
@@ -25,17 +27,32 @@ fn renders_like_transformers() {
                 content: m["content"].as_str().unwrap().into(),
             })
             .collect();
-        let kwargs = c.get("kwargs").and_then(|k| k.as_object()).cloned().unwrap_or_default();
+        let kwargs = c
+            .get("kwargs")
+            .and_then(|k| k.as_object())
+            .cloned()
+            .unwrap_or_default();
         let got = t
-            .render(&msgs, c["add_generation_prompt"].as_bool().unwrap(), &kwargs)
+            .render(
+                &msgs,
+                c["add_generation_prompt"].as_bool().unwrap(),
+                &kwargs,
+            )
             .unwrap();
         assert_eq!(got, c["rendered"].as_str().unwrap());
     }
     // a template that does not compile names the file
     let bad = std::env::temp_dir().join(format!("candle-moe-bad-template-{}", std::process::id()));
     std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(bad.join("tokenizer_config.json"), r#"{"chat_template": "{% for %}"}"#).unwrap();
+    std::fs::write(
+        bad.join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for %}"}"#,
+    )
+    .unwrap();
     let e = ChatTemplate::load(&bad).err().unwrap();
-    assert!(e.contains("tokenizer_config.json") && e.contains("chat_template"), "{e}");
+    assert!(
+        e.contains("tokenizer_config.json") && e.contains("chat_template"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&bad).unwrap();
 }
