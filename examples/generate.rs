@@ -115,7 +115,8 @@ fn main() -> Result<()> {
         );
     }
     let tokenizer = o.tokenizer.clone();
-    args.model.run(&o, |model, followers| {
+    let kv_tokens = prompt_ids.len() + args.max_new_tokens as usize;
+    args.model.run(&o, kv_tokens, |model, followers| {
         run(&args, &model, tokenizer, &prompt_ids, followers)
     })
 }

@@ -97,7 +97,9 @@ fn main() -> Result<()> {
         model_name: o.dir.display().to_string(),
         batch_invariant: args.batch_invariant,
     };
-    let report = args.model.run(&o, |m, followers| {
+    // each running question: a few-shot prompt (~1k tokens at 5 shots) + its answer
+    let kv_tokens = args.batch_size as usize * (256 * (args.num_fewshot + 1) + args.max_new_tokens);
+    let report = args.model.run(&o, kv_tokens, |m, followers| {
         let bar = indicatif::ProgressBar::new(test.len() as u64).with_style(
             indicatif::ProgressStyle::with_template(
                 "{elapsed_precise} [{bar:30}] {pos}/{len} questions, eta {eta}",

@@ -9,7 +9,8 @@ use candle_core::{DType, Device};
 use candle_moe::dist::{Communicator, ThreadComm, ThreadWorld};
 use candle_moe::{EpConfig, ExpertMapManager, PlacementStrategy};
 use candle_moe_models::engine::{follow, StepPlan};
-use candle_moe_models::{Checkpoint, HfTokenizer, LoadOptions, QwenMoeForCausalLM};
+use candle_moe_models::memory::{check_fits, mem_available, HoldOptions};
+use candle_moe_models::{Checkpoint, HfTokenizer, LoadOptions, LoadProgress, QwenMoeForCausalLM};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
@@ -42,6 +43,9 @@ pub struct ModelArgs {
     pub ep_size: u64,
     #[arg(long, default_value = "linear")]
     pub ep_placement: PlacementStrategy,
+    /// Load even when the memory estimate says it will not fit.
+    #[arg(long)]
+    pub force_load: bool,
 }
 
 /// A resolved checkpoint and the choices made for it.
@@ -53,6 +57,19 @@ pub struct Opened {
     pub expert_dtype: Option<DType>,
     /// `tokenizer.json`, when the checkpoint has one.
     pub tokenizer: Option<Arc<HfTokenizer>>,
+}
+
+impl Opened {
+    /// Tokens a KV cache of `bytes` holds for this checkpoint.
+    pub fn kv_tokens_for_bytes(&self, bytes: usize) -> usize {
+        let c = &self.ck.config;
+        let shape = candle_moe_models::KvCacheShape {
+            num_layers: c.num_hidden_layers,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
+        bytes / candle_moe_models::KvCache::bytes_per_token(shape, self.dtype).max(1)
+    }
 }
 
 impl ModelArgs {
@@ -88,10 +105,12 @@ impl ModelArgs {
 
     /// Loads the model on every rank and runs `lead` with rank 0's model and
     /// the followers' plan channels (for `Engine::with_followers`); returns
-    /// when every rank is done.
+    /// when every rank is done. First checks that the weights and a KV cache
+    /// of `kv_tokens` fit in memory (`--force-load` skips the check).
     pub fn run<R>(
         &self,
         o: &Opened,
+        kv_tokens: usize,
         lead: impl FnOnce(QwenMoeForCausalLM, Vec<Sender<Arc<StepPlan>>>) -> Result<R>,
     ) -> Result<R> {
         let ep_size = self.ep_size as usize;
@@ -100,6 +119,39 @@ impl ModelArgs {
         }
         let quant = quant_scheme(self.quant.as_deref())?;
         let quant_dense = quant_scheme(self.quant_dense.as_deref())?;
+        if o.dev.is_cpu() {
+            let hold = HoldOptions {
+                dtype: o.dtype,
+                expert_dtype: o.expert_dtype,
+                quant: quant.clone(),
+                quant_dense: quant_dense.clone(),
+                ep_size,
+                kv_tokens,
+            };
+            if let (Some(avail), false) = (mem_available(), self.force_load) {
+                let e = check_fits(&o.ck, &hold, avail)?;
+                eprintln!(
+                    "memory: ~{:.1} GB estimated of {:.1} GB available",
+                    e.total() as f64 / 1e9,
+                    avail as f64 / 1e9
+                );
+            }
+        }
+        let layers = o.ck.config.num_hidden_layers;
+        let bar = indicatif::ProgressBar::new(layers as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "loading {elapsed_precise} [{bar:30}] layer {pos}/{len} eta {eta}",
+            )?
+            .progress_chars("#>-"),
+        );
+        // after each layer: the bar, and its source pages leave this process
+        let progress = {
+            let (bar, pages) = (bar.clone(), o.ck.mapped_pages());
+            LoadProgress(Arc::new(move |done, _| {
+                bar.set_position(done as u64);
+                pages.release(&format!("model.layers.{}.", done - 1));
+            }))
+        };
         let load = |comm: Option<RankComm>, dev: &Device| -> Result<QwenMoeForCausalLM> {
             let ep = match comm {
                 None => None,
@@ -109,11 +161,14 @@ impl ModelArgs {
                     Some((cfg, comm))
                 }
             };
+            // rank 0 draws the bar
+            let rank0 = ep.as_ref().is_none_or(|(c, _)| c.ep_rank == 0);
             let opts = LoadOptions {
                 expert_dtype: o.expert_dtype,
                 ep,
                 quant: quant.clone(),
                 quant_dense: quant_dense.clone(),
+                progress: rank0.then(|| progress.clone()),
             };
             Ok(QwenMoeForCausalLM::new_with_options(
                 &o.ck.config,
@@ -173,6 +228,7 @@ impl ModelArgs {
             let guard = rank0.as_ref().and_then(RankComm::thread).cloned();
             let r = (|| -> Result<R> {
                 let model = load(rank0, &o.dev)?;
+                bar.finish_and_clear();
                 let kernel = model
                     .moe_blocks()
                     .next()

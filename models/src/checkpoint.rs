@@ -19,6 +19,33 @@ pub struct Checkpoint {
     pub files: Vec<PathBuf>,
     /// EOS ids from generation_config.json, else config.json.
     pub eos_token_ids: Vec<u32>,
+    /// The mappings handed to var builders, so their pages can be released.
+    mapped: MappedPages,
+}
+
+/// The mappings of a checkpoint's var builders (a cheap handle).
+#[derive(Clone, Default)]
+pub struct MappedPages(std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<NamedBackend>>>>);
+
+impl std::fmt::Debug for MappedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MappedPages")
+    }
+}
+
+impl MappedPages {
+    /// Drops this process's resident pages of every tensor whose name
+    /// starts with `prefix` (e.g. a layer already loaded): the mappings are
+    /// read only, so the pages stay in the page cache and a later read
+    /// faults them back in. Keeps a load's peak RSS to what it holds plus
+    /// the layer in flight.
+    pub fn release(&self, prefix: &str) {
+        if let Ok(m) = self.0.lock() {
+            for b in m.iter() {
+                b.release(prefix);
+            }
+        }
+    }
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -78,17 +105,48 @@ impl Checkpoint {
             config,
             files,
             eos_token_ids,
+            mapped: Default::default(),
         })
     }
 
     /// A VarBuilder over the mmapped files; weights are converted to `dtype`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        let backend = NamedBackend::new(&self.files)?;
+        let backend = std::sync::Arc::new(NamedBackend::new(&self.files)?);
+        if let Ok(mut m) = self.mapped.0.lock() {
+            m.push(backend.clone());
+        }
         Ok(VarBuilder::from_backend(
-            Box::new(backend),
+            Box::new(Shared(backend)),
             dtype,
             device.clone(),
         ))
+    }
+
+    /// A handle to release the pages of what var builders have read.
+    pub fn mapped_pages(&self) -> MappedPages {
+        self.mapped.clone()
+    }
+}
+
+/// A var-builder backend over a mapping the checkpoint keeps a handle to.
+struct Shared(std::sync::Arc<NamedBackend>);
+
+impl SimpleBackend for Shared {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }
 
@@ -111,6 +169,30 @@ impl NamedBackend {
         let st = unsafe { MmapedSafetensors::multi(files) }
             .map_err(|e| ModelError::file(&files[0], e))?;
         Ok(Self { st, file_of })
+    }
+
+    fn release(&self, prefix: &str) {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        for name in self.file_of.keys().filter(|n| n.starts_with(prefix)) {
+            let Ok(view) = self.st.get(name) else {
+                continue;
+            };
+            let data = view.data();
+            if data.is_empty() {
+                continue;
+            }
+            let start = data.as_ptr() as usize / page * page;
+            let end = (data.as_ptr() as usize + data.len()).div_ceil(page) * page;
+            // SAFETY: [start, end) lies within a read-only file mapping this
+            // backend owns (the tensor's bytes, widened to whole pages of the
+            // same mapping). MADV_DONTNEED on such a mapping only drops the
+            // page-table entries: later reads fault the same file bytes back
+            // in, so no reference into it can observe a change.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
     }
 
     fn err(&self, name: &str, msg: impl std::fmt::Display) -> candle_core::Error {

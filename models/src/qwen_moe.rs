@@ -67,6 +67,18 @@ pub struct LoadOptions {
     /// shared MLPs, an untied `lm_head`; not the embeddings or the router):
     /// an on-load scheme (`QuantScheme::on_load("fp8" | "mxfp4")`).
     pub quant_dense: Option<QuantScheme>,
+    /// Told after each decoder layer is loaded.
+    pub progress: Option<LoadProgress>,
+}
+
+/// A callback `(layers loaded, layers)`, e.g. for a progress bar.
+#[derive(Clone)]
+pub struct LoadProgress(pub Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl std::fmt::Debug for LoadProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgress")
+    }
 }
 
 impl DecoderLayer {
@@ -216,7 +228,13 @@ impl QwenMoeForCausalLM {
             moe.ep = ep.clone();
         }
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(cfg, &moe, opts, i, m.pp("layers").pp(i)))
+            .map(|i| {
+                let l = DecoderLayer::new(cfg, &moe, opts, i, m.pp("layers").pp(i));
+                if let Some(p) = &opts.progress {
+                    (p.0)(i + 1, cfg.num_hidden_layers);
+                }
+                l
+            })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
             QLinear::new(embed_tokens.embeddings().clone(), None)

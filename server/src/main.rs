@@ -66,10 +66,11 @@ fn main() -> Result<()> {
         .or_else(|| args.model.model.clone())
         .unwrap_or_else(|| "tiny-qwen2-moe".into());
     let codec = o.tokenizer.clone().map(|t| t as Arc<dyn TextCodec>);
-    args.model.run(&o, |model, followers| {
-        if args.kv_cache_gb.is_nan() || args.kv_cache_gb <= 0.0 {
-            anyhow::bail!("--kv-cache-gb must be positive");
-        }
+    if args.kv_cache_gb.is_nan() || args.kv_cache_gb <= 0.0 {
+        anyhow::bail!("--kv-cache-gb must be positive");
+    }
+    let kv_tokens = o.kv_tokens_for_bytes((args.kv_cache_gb * 1e9) as usize);
+    args.model.run(&o, kv_tokens, |model, followers| {
         let mut cfg = EngineConfig::for_model(&model, (args.kv_cache_gb * 1e9) as usize);
         cfg.max_num_seqs = args.max_num_seqs as usize;
         cfg.max_num_batched_tokens = args.max_num_batched_tokens as usize;

@@ -10,7 +10,8 @@
 //! quantized per token and group of 128 (W8A8, as vLLM and the
 //! checkpoints' dynamic scheme do) unless [`Fp8::weight_only`] asks for W8A16.
 
-use super::fp8_codec::{quantize_fp8_block, SourcePrecision};
+use super::float_rows::with_rows;
+use super::fp8_codec::{quantize_fp8_block_rows, SourcePrecision};
 use super::loading::{
     check_local_ids, full_name, get_any, get_dtype, load_biases, tensor_bytes, FloatExperts,
 };
@@ -230,10 +231,13 @@ impl QuantMethod for Fp8 {
             let [(gq, gs), (uq, us), (dq, ds)] = match &float {
                 Some(f) => {
                     let x = f.expert(s, vb, g)?;
+                    let q = |t: &Tensor, n, k, bn, bk| {
+                        with_rows(t, |w| quantize_fp8_block_rows(w, n, k, bn, bk, prec))
+                    };
                     [
-                        quantize_fp8_block(&x.gate, i, h, bn13, bk13, prec),
-                        quantize_fp8_block(&x.up, i, h, bn13, bk13, prec),
-                        quantize_fp8_block(&x.down, h, i, bn2, bk2, prec),
+                        q(&x.gate, i, h, bn13, bk13)?,
+                        q(&x.up, i, h, bn13, bk13)?,
+                        q(&x.down, h, i, bn2, bk2)?,
                     ]
                 }
                 None => {

@@ -5,6 +5,7 @@
 //! compressed-tensors does (`clamp` then `tensor.to(float8_e4m3fn)`), so on-load
 //! quantization produces the bytes llm-compressor would write.
 
+use super::float_rows::FloatRows;
 use std::sync::LazyLock;
 
 pub const E4M3_MAX: f32 = 448.0;
@@ -88,7 +89,7 @@ pub enum SourcePrecision {
 }
 
 impl SourcePrecision {
-    #[inline]
+    #[inline(always)]
     pub fn round(self, x: f32) -> f32 {
         match self {
             Self::F32 => x,
@@ -124,6 +125,19 @@ pub fn quantize_fp8_block(
     bk: usize,
     prec: SourcePrecision,
 ) -> (Vec<u8>, Vec<f32>) {
+    quantize_fp8_block_rows(FloatRows::F32(w), n, k, bn, bk, prec)
+}
+
+/// [`quantize_fp8_block`] reading the weights as stored: each task widens
+/// its own row block.
+pub fn quantize_fp8_block_rows(
+    w: FloatRows<'_>,
+    n: usize,
+    k: usize,
+    bn: usize,
+    bk: usize,
+    prec: SourcePrecision,
+) -> (Vec<u8>, Vec<f32>) {
     use rayon::prelude::*;
     assert_eq!(w.len(), n * k, "quantize_fp8_block: {} != {n}x{k}", w.len());
     let kb = k.div_ceil(bk);
@@ -132,8 +146,11 @@ pub fn quantize_fp8_block(
     // one row block per task: its scales, then its bytes
     q.par_chunks_mut(bn * k)
         .zip(scales.par_chunks_mut(kb))
-        .zip(w.par_chunks(bn * k))
-        .for_each(|((q, s), w)| {
+        .enumerate()
+        .for_each(|(b, (q, s))| {
+            let mut wb = vec![0f32; q.len()];
+            w.read(b * bn * k, &mut wb);
+            let w = &wb;
             let rows = w.len() / k;
             for (c, s) in s.iter_mut().enumerate() {
                 let cols = c * bk..((c + 1) * bk).min(k);
@@ -146,12 +163,54 @@ pub fn quantize_fp8_block(
                 let sc = prec.round(amax / E4M3_MAX);
                 *s = if sc == 0.0 { prec.eps() } else { sc };
             }
-            for (i, (q, &v)) in q.iter_mut().zip(w).enumerate() {
-                *q = f32_to_e4m3(prec.round(v / s[(i % k) / bk]));
+            // per row and column block: one scale, a straight loop
+            for (qr, wr) in q.chunks_mut(k).zip(w.chunks(k)) {
+                for ((qc, wc), &sc) in qr.chunks_mut(bk).zip(wr.chunks(bk)).zip(s.iter()) {
+                    encode_block(qc, wc, sc, prec);
+                }
             }
         });
     (q, scales)
 }
+
+/// `q[j] = e4m3(round_prec(w[j] / scale))`. Under bf16 the rounded
+/// quotient is a bf16, whose byte a 64 Ki-entry table gives (the same bytes
+/// as [`f32_to_e4m3`], without its branches).
+#[inline]
+fn encode_block(q: &mut [u8], w: &[f32], scale: f32, prec: SourcePrecision) {
+    match prec {
+        SourcePrecision::Bf16 => {
+            let lut = &*BF16_TO_E4M3;
+            for (q, &v) in q.iter_mut().zip(w) {
+                *q = lut[bf16_bits(v / scale) as usize];
+            }
+        }
+        _ => {
+            for (q, &v) in q.iter_mut().zip(w) {
+                *q = f32_to_e4m3(prec.round(v / scale));
+            }
+        }
+    }
+}
+
+/// The bf16 nearest to `x` (ties to even), as bits; NaN stays NaN.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The e4m3 byte of every bf16 value.
+static BF16_TO_E4M3: LazyLock<Box<[u8; 65536]>> = LazyLock::new(|| {
+    let mut t = Box::new([0u8; 65536]);
+    for (b, q) in t.iter_mut().enumerate() {
+        *q = f32_to_e4m3(f32::from_bits((b as u32) << 16));
+    }
+    t
+});
 
 /// Fake-quantizes `x` in place per group of `group` consecutive values, as a
 /// dynamic per-token-group FP8 activation quantizer does (vLLM
@@ -170,6 +229,31 @@ pub fn fake_quant_fp8_groups(x: &mut [f32], group: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bf16_table_path_gives_the_scalar_bytes() {
+        // every bf16 bit pattern, and quotients around them
+        let mut x = 0x9E37_79B9u32;
+        for b in 0..=u16::MAX {
+            let v = f32::from_bits((b as u32) << 16);
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let w = [v, f32::from_bits(x), v * 1.0001];
+            for s in [1.0f32, 0.37, 3.1e-3] {
+                let mut fast = [0u8; 3];
+                encode_block(&mut fast, &w, s, SourcePrecision::Bf16);
+                for (f, &v) in fast.iter().zip(&w) {
+                    let slow = f32_to_e4m3(SourcePrecision::Bf16.round(v / s));
+                    let nan = |q: u8| q & 0x7f == 0x7f;
+                    assert!(
+                        *f == slow || (nan(*f) && nan(slow)),
+                        "{v} / {s}: {f} vs {slow}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_finite_byte_round_trips() {

@@ -54,12 +54,12 @@ pub(crate) fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
-/// One expert's float projections as f32 row-major data:
-/// gate `[I, H]`, up `[I, H]`, down `[H, I]`.
+/// One expert's float projections as read (in the loader's dtype, not
+/// widened): gate `[I, H]`, up `[I, H]`, down `[H, I]`.
 pub(crate) struct FloatExpert {
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
-    pub down: Vec<f32>,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
 }
 
 /// Reads float experts from either checkpoint layout. The fused 3-D layout
@@ -88,18 +88,17 @@ impl FloatExperts {
                 let ve = vb.pp(g);
                 let dt = vb.dtype();
                 Ok(FloatExpert {
-                    gate: f32_vec(&get_dtype(&ve.pp("gate_proj"), &[i, h], "weight", dt)?)?,
-                    up: f32_vec(&get_dtype(&ve.pp("up_proj"), &[i, h], "weight", dt)?)?,
-                    down: f32_vec(&get_dtype(&ve.pp("down_proj"), &[h, i], "weight", dt)?)?,
+                    gate: get_dtype(&ve.pp("gate_proj"), &[i, h], "weight", dt)?,
+                    up: get_dtype(&ve.pp("up_proj"), &[i, h], "weight", dt)?,
+                    down: get_dtype(&ve.pp("down_proj"), &[h, i], "weight", dt)?,
                 })
             }
             Self::Fused { gate_up, down } => {
-                let gu = f32_vec(&gate_up.get(g)?)?;
-                let (gate, up) = gu.split_at(i * h);
+                let gu = gate_up.get(g)?;
                 Ok(FloatExpert {
-                    gate: gate.to_vec(),
-                    up: up.to_vec(),
-                    down: f32_vec(&down.get(g)?)?,
+                    gate: gu.narrow(0, 0, i)?,
+                    up: gu.narrow(0, i, i)?,
+                    down: down.get(g)?,
                 })
             }
         }

@@ -1,6 +1,7 @@
 //! Quant methods: what an MoE layer loads from a checkpoint, how it repacks
 //! it, and which [`Experts`] implementation computes with it.
 
+pub mod float_rows;
 pub mod fp8;
 pub mod fp8_codec;
 pub mod linear;

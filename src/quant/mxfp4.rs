@@ -11,10 +11,11 @@
 //! (local experts only) and de-interleaved into the `[gate; up]` stack. gpt-oss's
 //! clamped SwiGLU is not one of the activations here yet.
 
+use super::float_rows::with_rows;
 use super::loading::{
     check_local_ids, full_name, get_dtype, load_biases, tensor_bytes, FloatExperts,
 };
-use super::mxfp4_codec::{quantize_mxfp4, MX_GROUP};
+use super::mxfp4_codec::{quantize_mxfp4_rows, MX_GROUP};
 use super::{ExpertLayerSpec, QuantMethod, TensorSpec};
 use crate::error::{MoeError, Result};
 use crate::modular::{Experts, GroupedGemmExperts};
@@ -213,11 +214,8 @@ impl QuantMethod for Mxfp4 {
             let [(gq, gs), (uq, us), (dq, ds)] = match &float {
                 Some(f) => {
                     let x = f.expert(s, vb, g)?;
-                    [
-                        quantize_mxfp4(&x.gate, i, h),
-                        quantize_mxfp4(&x.up, i, h),
-                        quantize_mxfp4(&x.down, h, i),
-                    ]
+                    let q = |t: &Tensor, n, k| with_rows(t, |w| quantize_mxfp4_rows(w, n, k));
+                    [q(&x.gate, i, h)?, q(&x.up, i, h)?, q(&x.down, h, i)?]
                 }
                 None => {
                     let ve = vb.pp(g);

@@ -7,6 +7,8 @@
 //! elements are rounded to nearest e2m1 with ties to even, saturating at ±6.
 
 /// e2m1 magnitudes by 3-bit code.
+use super::float_rows::FloatRows;
+
 pub const E2M1_VALUES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 pub const MX_GROUP: usize = 32;
 
@@ -75,6 +77,12 @@ pub fn mx_scale_exponent(amax: f32) -> u8 {
 /// Quantizes a row-major `[n, k]` matrix (`k` a multiple of 32): returns the
 /// packed bytes `[n, k/2]` and the e8m0 scales `[n, k/32]`.
 pub fn quantize_mxfp4(w: &[f32], n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
+    quantize_mxfp4_rows(FloatRows::F32(w), n, k)
+}
+
+/// [`quantize_mxfp4`] reading the weights as stored: each task widens its
+/// own groups.
+pub fn quantize_mxfp4_rows(w: FloatRows<'_>, n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
     use rayon::prelude::*;
     assert!(k.is_multiple_of(MX_GROUP), "quantize_mxfp4: k = {k}");
     assert_eq!(w.len(), n * k, "quantize_mxfp4: {} != {n}x{k}", w.len());
@@ -84,9 +92,11 @@ pub fn quantize_mxfp4(w: &[f32], n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
     packed
         .par_chunks_mut(TASK * MX_GROUP / 2)
         .zip(scales.par_chunks_mut(TASK))
-        .zip(w.par_chunks(TASK * MX_GROUP))
-        .for_each(|((p, s), w)| {
-            for ((g, s), p) in w.chunks(MX_GROUP).zip(s).zip(p.chunks_mut(MX_GROUP / 2)) {
+        .enumerate()
+        .for_each(|(t, (p, s))| {
+            let mut wb = vec![0f32; p.len() * 2];
+            w.read(t * TASK * MX_GROUP, &mut wb);
+            for ((g, s), p) in wb.chunks(MX_GROUP).zip(s).zip(p.chunks_mut(MX_GROUP / 2)) {
                 let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
                 *s = mx_scale_exponent(amax);
                 let inv = e8m0_to_f32(*s);
