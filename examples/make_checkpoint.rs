@@ -5,14 +5,16 @@
 //! Tensors are generated and written one at a time (never the model in RAM).
 //! `--format fp8` writes what llm-compressor's FP8_BLOCK scheme saves
 //! instead (e4m3 weights + 128×128 block `weight_scale`, router, embeddings
-//! and lm_head kept in bf16): the way to a Qwen3-30B-A3B-shaped checkpoint
-//! when 61 GB of bf16 do not fit the disk.
+//! and lm_head kept in bf16), `--format mxfp4` what its MXFP4A16 scheme
+//! saves (`weight_packed` e2m1 pairs + `weight_scale` e8m0 per 32): the way
+//! to a Qwen3-30B-A3B-shaped checkpoint when 61 GB of bf16 do not fit.
 //!
 //!     cargo run --release --example make_checkpoint -- --shape qwen1.5-moe-a2.7b --out DIR
 //!     cargo run --release --example make_checkpoint -- --shape qwen3-30b-a3b --format fp8 --out DIR
 
 use anyhow::{bail, Context, Result};
 use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
+use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
 use clap::Parser;
 use half::bf16;
 use serde_json::json;
@@ -31,7 +33,7 @@ struct Args {
     /// Decoder layers (default: the model's).
     #[arg(long)]
     layers: Option<usize>,
-    /// bf16 | fp8 (FP8_BLOCK, compressed-tensors)
+    /// bf16 | fp8 (FP8_BLOCK) | mxfp4 (MXFP4A16), as compressed-tensors writes them
     #[arg(long, default_value = "bf16")]
     format: String,
     #[arg(long, default_value_t = 5.0)]
@@ -245,10 +247,32 @@ impl Stored {
     }
 }
 
-fn layout(specs: &[Spec], fp8: bool) -> Vec<Stored> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Bf16,
+    Fp8,
+    Mxfp4,
+}
+
+fn layout(specs: &[Spec], format: Format) -> Vec<Stored> {
     let mut v = vec![];
     for (i, s) in specs.iter().enumerate() {
-        if fp8 && s.quantized {
+        if format == Format::Mxfp4 && s.quantized {
+            let (n, k) = (s.shape[0], s.shape[1]);
+            let base = s.name.trim_end_matches(".weight");
+            v.push(Stored {
+                name: format!("{base}.weight_packed"),
+                dtype: "U8",
+                shape: vec![n, k / 2],
+                src: (i, 0),
+            });
+            v.push(Stored {
+                name: format!("{base}.weight_scale"),
+                dtype: "U8",
+                shape: vec![n, k / 32],
+                src: (i, 1),
+            });
+        } else if format == Format::Fp8 && s.quantized {
             let (n, k) = (s.shape[0], s.shape[1]);
             v.push(Stored {
                 name: s.name.clone(),
@@ -301,10 +325,10 @@ fn values(spec: &Spec, i: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The bytes of tensor `t`: its spec's values as bf16, or their FP8 block
-/// quantization (weight or scale; `fp8` keeps the last spec quantized, as
-/// a weight and its scale are written one after the other).
-fn make(t: &Stored, specs: &[Spec], fp8: &mut Option<(usize, Vec<u8>, Vec<f32>)>) -> Vec<u8> {
+/// The bytes of tensor `t`: its spec's values as bf16, or their FP8 block /
+/// MXFP4 quantization (weight or scale bytes; `cache` keeps the last spec
+/// quantized, as a weight and its scale are written one after the other).
+fn make(t: &Stored, specs: &[Spec], cache: &mut Option<(usize, Vec<u8>, Vec<u8>)>) -> Vec<u8> {
     let (i, part) = t.src;
     let spec = &specs[i];
     if t.dtype == "BF16" {
@@ -313,17 +337,17 @@ fn make(t: &Stored, specs: &[Spec], fp8: &mut Option<(usize, Vec<u8>, Vec<f32>)>
             .flat_map(|v| bf16::from_f32(v).to_bits().to_le_bytes())
             .collect();
     }
-    let (q, s) = match fp8 {
+    let (q, s) = match cache {
         Some((j, q, s)) if *j == i => (q, s),
         slot => {
-            let (q, s) = quantize_fp8_block(
-                &values(spec, i),
-                spec.shape[0],
-                spec.shape[1],
-                128,
-                128,
-                SourcePrecision::Bf16,
-            );
+            let (n, k) = (spec.shape[0], spec.shape[1]);
+            let (q, s) = if t.dtype == "U8" {
+                quantize_mxfp4(&values(spec, i), n, k)
+            } else {
+                let (q, s) =
+                    quantize_fp8_block(&values(spec, i), n, k, 128, 128, SourcePrecision::Bf16);
+                (q, s.iter().flat_map(|x| x.to_le_bytes()).collect())
+            };
             let (_, q, s) = slot.insert((i, q, s));
             (q, s)
         }
@@ -331,7 +355,7 @@ fn make(t: &Stored, specs: &[Spec], fp8: &mut Option<(usize, Vec<u8>, Vec<f32>)>
     if part == 0 {
         q.clone()
     } else {
-        s.iter().flat_map(|x| x.to_le_bytes()).collect()
+        s.clone()
     }
 }
 
@@ -365,7 +389,7 @@ fn write_shard(path: &Path, tensors: &[Stored], specs: &[Spec]) -> Result<()> {
     Ok(())
 }
 
-fn config(s: &Shape, fp8: bool, specs: &[Spec]) -> serde_json::Value {
+fn config(s: &Shape, format: Format, specs: &[Spec]) -> serde_json::Value {
     let mut c = json!({
         "architectures": [if s.arch == "qwen2_moe" { "Qwen2MoeForCausalLM" } else { "Qwen3MoeForCausalLM" }],
         "model_type": s.arch, "vocab_size": s.vocab, "hidden_size": s.hidden,
@@ -383,12 +407,24 @@ fn config(s: &Shape, fp8: bool, specs: &[Spec]) -> serde_json::Value {
     if s.shared > 0 {
         c["shared_expert_intermediate_size"] = json!(s.shared);
     }
-    if fp8 {
-        let ignore: Vec<String> = specs
-            .iter()
-            .filter(|x| !x.quantized && x.shape.len() == 2 && x.name != "model.embed_tokens.weight")
-            .map(|x| x.name.trim_end_matches(".weight").to_string())
-            .collect();
+    let ignore: Vec<String> = specs
+        .iter()
+        .filter(|x| !x.quantized && x.shape.len() == 2 && x.name != "model.embed_tokens.weight")
+        .map(|x| x.name.trim_end_matches(".weight").to_string())
+        .collect();
+    if format == Format::Mxfp4 {
+        c["quantization_config"] = json!({
+            "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized",
+            "quantization_status": "compressed", "ignore": ignore,
+            "config_groups": {"group_0": {
+                "targets": ["Linear"], "format": "mxfp4-pack-quantized",
+                "weights": {"num_bits": 4, "type": "float", "symmetric": true, "strategy": "group",
+                            "group_size": 32, "dynamic": false, "scale_dtype": "torch.uint8"},
+                "input_activations": null,
+            }},
+        });
+    }
+    if format == Format::Fp8 {
         c["quantization_config"] = json!({
             "quant_method": "compressed-tensors", "format": "float-quantized",
             "quantization_status": "compressed", "ignore": ignore,
@@ -410,13 +446,14 @@ fn main() -> Result<()> {
     if let Some(l) = args.layers {
         s.layers = l;
     }
-    let fp8 = match args.format.as_str() {
-        "bf16" => false,
-        "fp8" => true,
-        f => bail!("--format {f}: expected bf16 or fp8"),
+    let format = match args.format.as_str() {
+        "bf16" => Format::Bf16,
+        "fp8" => Format::Fp8,
+        "mxfp4" => Format::Mxfp4,
+        f => bail!("--format {f}: expected bf16, fp8 or mxfp4"),
     };
     let specs = specs(&s);
-    let tensors = layout(&specs, fp8);
+    let tensors = layout(&specs, format);
     let total: usize = tensors.iter().map(Stored::bytes).sum();
     let free = free_disk(&args.out);
     if let Some(free) = free {
@@ -455,7 +492,7 @@ fn main() -> Result<()> {
     )?;
     std::fs::write(
         args.out.join("config.json"),
-        serde_json::to_string_pretty(&config(&s, fp8, &specs))?,
+        serde_json::to_string_pretty(&config(&s, format, &specs))?,
     )?;
     std::fs::write(
         args.out.join("generation_config.json"),

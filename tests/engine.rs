@@ -323,3 +323,57 @@ fn expert_parallel_ranks_follow_rank_0() {
         assert_eq!(g.0.len(), 8);
     }
 }
+
+/// A model that fails any forward holding a poisoned token.
+struct Poisoned<'a>(&'a QwenMoeForCausalLM, u32);
+
+impl candle_moe_models::CausalLm for Poisoned<'_> {
+    fn info(&self) -> &candle_moe_models::ModelInfo {
+        self.0.info()
+    }
+    fn device(&self) -> &Device {
+        self.0.device()
+    }
+    fn forward(
+        &self,
+        seqs: &[candle_moe_models::SeqInput<'_>],
+        cache: &mut candle_moe_models::KvCache,
+    ) -> candle_moe_models::Result<candle_core::Tensor> {
+        if seqs.iter().any(|s| s.tokens.contains(&self.1)) {
+            return Err(candle_moe_models::ModelError::Input("poisoned".into()));
+        }
+        self.0.forward(seqs, cache)
+    }
+}
+
+/// A request whose forward fails is aborted alone (the batch is retried one
+/// sequence at a time); the others finish with their own tokens.
+#[test]
+fn a_request_that_fails_in_the_engine_fails_alone() {
+    let (m, _) = model();
+    let ps = prompts(4, 0);
+    let want = generate_batch_greedy(&m, &ps, 6, &[]).unwrap();
+    let poison = 4242;
+    let mut bad = ps.clone();
+    bad[2].push(poison);
+    let pm = Poisoned(&m, poison);
+    let mut e = Engine::new(&pm, None, EngineConfig::for_batch(&m, 4, 64)).unwrap();
+    for (i, p) in bad.iter().enumerate() {
+        e.add_request(i as u64, p.clone(), greedy(6)).unwrap();
+    }
+    let mut got = vec![vec![]; 4];
+    let mut errors = vec![None; 4];
+    for o in e.run_to_completion().unwrap() {
+        got[o.id as usize].extend(o.tokens);
+        if o.error.is_some() {
+            errors[o.id as usize] = o.error;
+        }
+    }
+    assert_eq!(errors[2].as_deref(), Some("poisoned"));
+    for i in [0, 1, 3] {
+        assert!(errors[i].is_none(), "{i}: {:?}", errors[i]);
+        assert_eq!(got[i], want[i], "request {i}");
+    }
+    assert!(got[2].is_empty());
+    assert_eq!(e.stats().kv_blocks_used, 0);
+}

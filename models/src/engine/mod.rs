@@ -122,8 +122,11 @@ pub struct Engine<'m> {
     running: Vec<Sequence>,
     followers: Vec<Sender<Arc<StepPlan>>>,
     stats: EngineStats,
-    /// Next running sequence's turn in batch-invariant mode.
+    /// Next running sequence's turn in one-sequence steps.
     turn: usize,
+    /// One-sequence steps left after a failed batch, to find the request
+    /// that fails (it alone is aborted).
+    isolate: usize,
 }
 
 impl<'m> Engine<'m> {
@@ -149,6 +152,7 @@ impl<'m> Engine<'m> {
             followers: vec![],
             stats: EngineStats::default(),
             turn: 0,
+            isolate: 0,
         })
     }
 
@@ -246,9 +250,10 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Runs one step; returns what each request that advanced produced
-    /// (requests in a failed forward end with `FinishReason::Abort` and the
-    /// error; the engine goes on).
+    /// Runs one step; returns what each request that advanced produced. A
+    /// failed forward of several sequences is retried one sequence per step;
+    /// a sequence that fails alone ends with `FinishReason::Abort` and the
+    /// error, and the engine goes on.
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         let (plan, mut outputs) = self.schedule();
         if plan.is_empty() {
@@ -286,22 +291,23 @@ impl<'m> Engine<'m> {
         drop(inputs);
         let logits = match result {
             Ok(l) => l,
+            Err(_) if plan.len() > 1 => {
+                // someone in the batch fails: take them one at a time
+                self.isolate = plan.len();
+                return Ok(outputs);
+            }
             Err(e) => {
-                let msg = e.to_string();
-                let mut failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
-                failed.sort_unstable();
-                for &i in failed.iter().rev() {
-                    let mut s = self.running.remove(i);
-                    self.cache.release(&mut s.table);
-                    outputs.push(RequestOutput {
-                        id: s.id,
-                        finish: Some(FinishReason::Abort),
-                        error: Some(msg.clone()),
-                        prompt_tokens: s.prompt_len,
-                        completion_tokens: s.output_len(),
-                        ..Default::default()
-                    });
-                }
+                let (i, _) = plan[0];
+                let mut s = self.running.remove(i);
+                self.cache.release(&mut s.table);
+                outputs.push(RequestOutput {
+                    id: s.id,
+                    finish: Some(FinishReason::Abort),
+                    error: Some(e.to_string()),
+                    prompt_tokens: s.prompt_len,
+                    completion_tokens: s.output_len(),
+                    ..Default::default()
+                });
                 return Ok(outputs);
             }
         };

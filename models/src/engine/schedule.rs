@@ -13,8 +13,12 @@ pub(super) type Plan = Vec<(usize, usize)>;
 
 impl Engine<'_> {
     pub(super) fn schedule(&mut self) -> (Plan, Vec<RequestOutput>) {
+        if self.isolate > 0 {
+            self.isolate -= 1;
+            return self.schedule_one(false);
+        }
         if self.cfg.batch_invariant {
-            return self.schedule_one();
+            return self.schedule_one(true);
         }
         let mut plan = Plan::new();
         let mut outputs = vec![];
@@ -61,11 +65,12 @@ impl Engine<'_> {
         }
     }
 
-    /// Batch-invariant: one sequence per step, its pending tokens at once,
-    /// running sequences taking turns.
-    fn schedule_one(&mut self) -> (Plan, Vec<RequestOutput>) {
+    /// One sequence per step (batch-invariant mode, or finding which request
+    /// failed a batch), its pending tokens at once, running sequences taking
+    /// turns.
+    fn schedule_one(&mut self, admit: bool) -> (Plan, Vec<RequestOutput>) {
         let mut outputs = vec![];
-        if self.running.len() < self.cfg.max_num_seqs {
+        if admit && self.running.len() < self.cfg.max_num_seqs {
             if let Some(n) = self.admit(usize::MAX) {
                 return (vec![(self.running.len() - 1, n)], outputs);
             }
