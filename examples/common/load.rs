@@ -10,6 +10,7 @@ use candle_moe::dist::{Communicator, ThreadComm, ThreadWorld};
 use candle_moe::{EpConfig, ExpertMapManager, PlacementStrategy};
 use candle_moe_models::engine::{follow, StepPlan};
 use candle_moe_models::memory::{check_fits, mem_available, HoldOptions};
+use candle_moe_models::save_quantized::{save_quantized, SaveOptions};
 use candle_moe_models::{Checkpoint, HfTokenizer, LoadOptions, LoadProgress, QwenMoeForCausalLM};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Sender};
@@ -46,6 +47,10 @@ pub struct ModelArgs {
     /// Load even when the memory estimate says it will not fit.
     #[arg(long)]
     pub force_load: bool,
+    /// Write the `--quant` (and `--quant-dense`) quantized checkpoint here as
+    /// compressed-tensors (llm-compressor's layout), then load that copy.
+    #[arg(long)]
+    pub save_quantized: Option<PathBuf>,
 }
 
 /// A resolved checkpoint and the choices made for it.
@@ -57,6 +62,9 @@ pub struct Opened {
     pub expert_dtype: Option<DType>,
     /// `tokenizer.json`, when the checkpoint has one.
     pub tokenizer: Option<Arc<HfTokenizer>>,
+    /// The checkpoint is a copy `--save-quantized` just wrote: no on-load
+    /// quantization left to do.
+    pub saved: bool,
 }
 
 impl Opened {
@@ -75,10 +83,14 @@ impl Opened {
 impl ModelArgs {
     /// Resolves the checkpoint (`bundled` when no `--model`) and its tokenizer.
     pub fn open(&self, bundled: &Path) -> Result<Opened> {
-        let dir = match &self.model {
+        let mut dir = match &self.model {
             Some(m) => resolve(m, &self.revision)?,
             None => bundled.to_path_buf(),
         };
+        let saved = self.save_quantized.is_some();
+        if let Some(out) = &self.save_quantized {
+            dir = self.save(&dir, out)?;
+        }
         let dev = device(&self.device)?;
         let ck = Checkpoint::open(&dir)?;
         let dtype = compute_dtype(self.dtype, ck.config.stored_dtype(), &dev);
@@ -100,7 +112,41 @@ impl ModelArgs {
             dtype,
             expert_dtype: edt,
             tokenizer,
+            saved,
         })
+    }
+
+    /// Writes the quantized copy of `src` into `out`; returns `out`.
+    fn save(&self, src: &Path, out: &Path) -> Result<PathBuf> {
+        let quant = quant_scheme(self.quant.as_deref())?
+            .ok_or_else(|| anyhow!("--save-quantized needs --quant fp8|mxfp4"))?;
+        if self.quant_dense.is_some() && self.quant_dense != self.quant {
+            bail!("--save-quantized: --quant-dense must be the --quant format (one scheme per checkpoint)");
+        }
+        let ck = Checkpoint::open(src)?;
+        let t = std::time::Instant::now();
+        let bar = indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "quantizing {elapsed_precise} [{bar:30}] tensor {pos}/{len} eta {eta}",
+            )?
+            .progress_chars("#>-"),
+        );
+        let opts = SaveOptions {
+            quant,
+            quant_dense: self.quant_dense.is_some(),
+            shard_bytes: 5_000_000_000,
+        };
+        save_quantized(&ck, out, &opts, &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?;
+        bar.finish_and_clear();
+        eprintln!(
+            "saved the quantized copy to {} in {:.1}s",
+            out.display(),
+            t.elapsed().as_secs_f64()
+        );
+        Ok(out.to_path_buf())
     }
 
     /// Loads the model on every rank and runs `lead` with rank 0's model and
@@ -117,8 +163,16 @@ impl ModelArgs {
         if ep_size > 1 && !o.dev.is_cpu() && !cfg!(feature = "nccl") {
             bail!("--ep-size > 1 on cuda needs NCCL: build with --features nccl (on the cpu, ranks are threads)");
         }
-        let quant = quant_scheme(self.quant.as_deref())?;
-        let quant_dense = quant_scheme(self.quant_dense.as_deref())?;
+        // a saved copy is already quantized
+        let on_load = |f: &Option<String>| {
+            if o.saved {
+                Ok(None)
+            } else {
+                quant_scheme(f.as_deref())
+            }
+        };
+        let quant = on_load(&self.quant)?;
+        let quant_dense = on_load(&self.quant_dense)?;
         if o.dev.is_cpu() {
             let hold = HoldOptions {
                 dtype: o.dtype,

@@ -28,7 +28,9 @@ pub mod layers;
 pub mod memory;
 pub mod model;
 pub mod qwen_moe;
+pub mod safetensors_out;
 pub mod sampling;
+pub mod save_quantized;
 pub mod text;
 
 pub use checkpoint::Checkpoint;
