@@ -1,6 +1,7 @@
 //! Writes a random checkpoint with the exact shapes of Qwen1.5-MoE-A2.7B or
 //! Qwen3-30B-A3B (any number of layers), as transformers lays it out:
-//! safetensors shards of ≤ `--shard-gb` with `model.safetensors.index.json`,
+//! safetensors shards of ≤ `--shard-gb` with `model.safetensors.index.json`
+//! (the library's sharded writer),
 //! `config.json`, `generation_config.json` and the bundled Qwen tokenizer.
 //! Tensors are generated and written one at a time (never the model in RAM).
 //! `--format fp8` writes what llm-compressor's FP8_BLOCK scheme saves
@@ -15,10 +16,10 @@
 use anyhow::{bail, Context, Result};
 use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
 use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
+use candle_moe_models::safetensors_out::{write_sharded, OutTensor};
 use clap::Parser;
 use half::bf16;
 use serde_json::json;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -237,13 +238,15 @@ struct Stored {
 }
 
 impl Stored {
-    fn bytes(&self) -> usize {
-        let n: usize = self.shape.iter().product();
-        n * match self.dtype {
-            "BF16" => 2,
-            "F32" => 4,
-            _ => 1,
+    fn out(&self) -> OutTensor {
+        OutTensor {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
         }
+    }
+    fn bytes(&self) -> usize {
+        self.out().bytes()
     }
 }
 
@@ -298,24 +301,6 @@ fn layout(specs: &[Spec], format: Format) -> Vec<Stored> {
     v
 }
 
-/// Splits `tensors` into shards of at most `max` bytes (at least one each).
-fn shards(tensors: &[Stored], max: usize) -> Vec<std::ops::Range<usize>> {
-    let mut out = vec![];
-    let (mut start, mut size) = (0, 0);
-    for (i, t) in tensors.iter().enumerate() {
-        if size > 0 && size + t.bytes() > max {
-            out.push(start..i);
-            start = i;
-            size = 0;
-        }
-        size += t.bytes();
-    }
-    if start < tensors.len() {
-        out.push(start..tensors.len());
-    }
-    out
-}
-
 /// Spec `i`'s random values (seeded by its index), rounded to bf16.
 fn values(spec: &Spec, i: usize) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
@@ -357,36 +342,6 @@ fn make(t: &Stored, specs: &[Spec], cache: &mut Option<(usize, Vec<u8>, Vec<u8>)
     } else {
         s.clone()
     }
-}
-
-fn write_shard(path: &Path, tensors: &[Stored], specs: &[Spec]) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut off = 0;
-    for t in tensors {
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.bytes()]}),
-        );
-        off += t.bytes();
-    }
-    let mut h = serde_json::to_vec(&header)?;
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
-    let tmp = path.with_extension("part");
-    let mut f = BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp)?);
-    f.write_all(&(h.len() as u64).to_le_bytes())?;
-    f.write_all(&h)?;
-    let mut cache = None;
-    for t in tensors {
-        let bytes = make(t, specs, &mut cache);
-        debug_assert_eq!(bytes.len(), t.bytes());
-        f.write_all(&bytes)?;
-    }
-    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 fn config(s: &Shape, format: Format, specs: &[Spec]) -> serde_json::Value {
@@ -467,29 +422,22 @@ fn main() -> Result<()> {
         }
     }
     std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
-    let parts = shards(&tensors, (args.shard_gb * 1e9) as usize);
     let bar = indicatif::ProgressBar::new(total as u64).with_style(
         indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} shard {msg}",
+            "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
         )?
         .progress_chars("#>-"),
     );
-    let mut weight_map = serde_json::Map::new();
-    for (i, r) in parts.iter().enumerate() {
-        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, parts.len());
-        bar.set_message(format!("{}/{}", i + 1, parts.len()));
-        write_shard(&args.out.join(&file), &tensors[r.clone()], &specs)?;
-        for t in &tensors[r.clone()] {
-            weight_map.insert(t.name.clone(), json!(file));
-        }
-        bar.inc(tensors[r.clone()].iter().map(Stored::bytes).sum::<usize>() as u64);
-    }
-    bar.finish();
-    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(
-        args.out.join("model.safetensors.index.json"),
-        serde_json::to_string_pretty(&index)?,
+    let layout: Vec<OutTensor> = tensors.iter().map(Stored::out).collect();
+    let mut cache = None;
+    write_sharded(
+        &args.out,
+        &layout,
+        (args.shard_gb * 1e9) as usize,
+        &mut |i| Ok(make(&tensors[i], &specs, &mut cache)),
+        &mut |i| bar.inc(tensors[i].bytes() as u64),
     )?;
+    bar.finish();
     std::fs::write(
         args.out.join("config.json"),
         serde_json::to_string_pretty(&config(&s, format, &specs))?,
@@ -501,11 +449,10 @@ fn main() -> Result<()> {
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-qwen2-moe/tokenizer.json");
     std::fs::copy(tok, args.out.join("tokenizer.json"))?;
     eprintln!(
-        "wrote {} ({} layers, {:.2} GB in {} shards)",
+        "wrote {} ({} layers, {:.2} GB)",
         args.out.display(),
         s.layers,
-        total as f64 / 1e9,
-        parts.len()
+        total as f64 / 1e9
     );
     Ok(())
 }
