@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use candle_moe::dist::{Communicator, ThreadComm, ThreadWorld};
 use candle_moe::{EpConfig, ExpertMapManager, PlacementStrategy};
 use candle_moe_models::engine::{follow, StepPlan};
-use candle_moe_models::memory::{check_fits, mem_available, HoldOptions};
+use candle_moe_models::memory::{check_fits, device_available, HoldOptions};
 use candle_moe_models::save_quantized::{save_quantized, SaveOptions};
 use candle_moe_models::{Checkpoint, HfTokenizer, LoadOptions, LoadProgress, QwenMoeForCausalLM};
 use std::path::{Path, PathBuf};
@@ -173,23 +173,25 @@ impl ModelArgs {
         };
         let quant = on_load(&self.quant)?;
         let quant_dense = on_load(&self.quant_dense)?;
-        if o.dev.is_cpu() {
-            let hold = HoldOptions {
-                dtype: o.dtype,
-                expert_dtype: o.expert_dtype,
-                quant: quant.clone(),
-                quant_dense: quant_dense.clone(),
-                ep_size,
-                kv_tokens,
-            };
-            if let (Some(avail), false) = (mem_available(), self.force_load) {
-                let e = check_fits(&o.ck, &hold, avail)?;
-                eprintln!(
-                    "memory: ~{:.1} GB estimated of {:.1} GB available",
-                    e.total() as f64 / 1e9,
-                    avail as f64 / 1e9
-                );
-            }
+        let hold = HoldOptions {
+            dtype: o.dtype,
+            expert_dtype: o.expert_dtype,
+            quant: quant.clone(),
+            quant_dense: quant_dense.clone(),
+            // ranks on cpu threads share this memory
+            ep_size,
+            kv_tokens,
+        };
+        // (NCCL ranks each hold a share of the experts on their own GPU: not
+        // estimated yet, no check)
+        let checked = o.dev.is_cpu() || ep_size == 1;
+        if let (Some(avail), false, true) = (device_available(&o.dev), self.force_load, checked) {
+            let e = check_fits(&o.ck, &hold, avail)?;
+            eprintln!(
+                "memory: ~{:.1} GB estimated of {:.1} GB available",
+                e.total() as f64 / 1e9,
+                avail as f64 / 1e9
+            );
         }
         let layers = o.ck.config.num_hidden_layers;
         let bar = indicatif::ProgressBar::new(layers as u64).with_style(

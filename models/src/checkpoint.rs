@@ -128,6 +128,26 @@ impl Checkpoint {
     }
 }
 
+/// Drops this process's resident pages under `data`, bytes of a read-only
+/// file mapping (safetensors' mmapped tensor data).
+pub(crate) fn release_mapped(data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let start = data.as_ptr() as usize / page * page;
+    let end = (data.as_ptr() as usize + data.len()).div_ceil(page) * page;
+    // SAFETY: [start, end) lies within the read-only file mapping holding
+    // `data` (widened to whole pages of the same mapping; safetensors maps
+    // whole files). MADV_DONTNEED on such a mapping only drops page-table
+    // entries: later reads fault the same file bytes back in, so no
+    // reference into it can observe a change.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+    }
+}
+
 /// A var-builder backend over a mapping the checkpoint keeps a handle to.
 struct Shared(std::sync::Arc<NamedBackend>);
 
@@ -172,25 +192,9 @@ impl NamedBackend {
     }
 
     fn release(&self, prefix: &str) {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         for name in self.file_of.keys().filter(|n| n.starts_with(prefix)) {
-            let Ok(view) = self.st.get(name) else {
-                continue;
-            };
-            let data = view.data();
-            if data.is_empty() {
-                continue;
-            }
-            let start = data.as_ptr() as usize / page * page;
-            let end = (data.as_ptr() as usize + data.len()).div_ceil(page) * page;
-            // SAFETY: [start, end) lies within a read-only file mapping this
-            // backend owns (the tensor's bytes, widened to whole pages of the
-            // same mapping). MADV_DONTNEED on such a mapping only drops the
-            // page-table entries: later reads fault the same file bytes back
-            // in, so no reference into it can observe a change.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            if let Ok(view) = self.st.get(name) {
+                release_mapped(view.data());
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Will it fit? The resident bytes a load would take — every tensor of the
 //! checkpoint in the format it will be held in, the KV cache, a workspace —
 //! estimated from the safetensors headers before anything is read, against
-//! the memory the system says is available.
+//! the memory the system (or the CUDA device) says is available.
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ModelError, Result};
@@ -106,6 +106,23 @@ pub fn estimate(ck: &Checkpoint, o: &HoldOptions) -> Result<MemoryEstimate> {
         // logits and activations are small next to the weights: 3 % + 256 MB
         workspace: ((experts + dense) * 0.03) as u64 + (256 << 20),
     })
+}
+
+/// Memory a load onto `dev` can use: `MemAvailable` for the cpu, the
+/// device's free memory for a CUDA device (with the `cuda` feature).
+pub fn device_available(dev: &candle_core::Device) -> Option<u64> {
+    match dev {
+        candle_core::Device::Cpu => mem_available(),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes (None where there is none).

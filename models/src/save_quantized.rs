@@ -165,12 +165,13 @@ pub fn save_quantized(
     let mut make = |i: usize| -> Result<Vec<u8>> {
         let (p, part) = src[i];
         let (name, plan) = &plans[p];
+        let view = st
+            .get(name)
+            .map_err(|e| ModelError::file(&ck.files[0], e))?;
+        // each source tensor is read once: its pages leave after this
+        let _release = ReleaseOnDrop(view.data());
         if let Plan::Copy = plan {
-            return Ok(st
-                .get(name)
-                .map_err(|e| ModelError::file(&ck.files[0], e))?
-                .data()
-                .to_vec());
+            return Ok(view.data().to_vec());
         }
         if cache.as_ref().map(|c| c.0) != Some(p) {
             let t = st
@@ -217,6 +218,15 @@ pub fn save_quantized(
         }
     }
     Ok(())
+}
+
+/// Releases mapped pages when dropped (see `checkpoint::release_mapped`).
+struct ReleaseOnDrop<'a>(&'a [u8]);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        crate::checkpoint::release_mapped(self.0);
+    }
 }
 
 /// A cpu tensor's bytes, little endian.

@@ -4,7 +4,7 @@
 
 use super::ExpertLayerSpec;
 use crate::error::{MoeError, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use candle_nn::var_builder::VarBuilder;
 
 pub(crate) fn full_name(vb: &VarBuilder, name: &str) -> String {
@@ -33,20 +33,29 @@ pub(crate) fn get_any(vb: &VarBuilder, name: &str, dtype: DType) -> Result<Tenso
         .map_err(|e| MoeError::weight(full_name(vb, name), e.to_string()))
 }
 
-/// The bytes of a U8 or F8E4M3 cpu tensor.
+/// The bytes of a U8 or F8E4M3 tensor (on the cpu read from its storage in
+/// one pass, no intermediate vector).
 pub(crate) fn tensor_bytes(t: &Tensor, name: &str) -> Result<Vec<u8>> {
-    let t = t.flatten_all()?;
-    match t.dtype() {
-        DType::U8 => Ok(t.to_vec1::<u8>()?),
-        DType::F8E4M3 => Ok(t
-            .to_vec1::<float8::F8E4M3>()?
-            .into_iter()
-            .map(|v| v.to_bits())
-            .collect()),
-        dt => Err(MoeError::weight(
-            name,
-            format!("expected U8 or F8_E4M3 bytes, found {dt:?}"),
-        )),
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let r = l.start_offset()..l.start_offset() + l.shape().elem_count();
+    match &*st {
+        Storage::Cpu(CpuStorage::U8(v)) => Ok(v[r].to_vec()),
+        Storage::Cpu(CpuStorage::F8E4M3(v)) => Ok(v[r].iter().map(|x| x.to_bits()).collect()),
+        // another device: through the host
+        _ => match t.dtype() {
+            DType::U8 => Ok(t.flatten_all()?.to_vec1::<u8>()?),
+            DType::F8E4M3 => Ok(t
+                .flatten_all()?
+                .to_vec1::<float8::F8E4M3>()?
+                .into_iter()
+                .map(|v| v.to_bits())
+                .collect()),
+            dt => Err(MoeError::weight(
+                name,
+                format!("expected U8 or F8_E4M3 bytes, found {dt:?}"),
+            )),
+        },
     }
 }
 
