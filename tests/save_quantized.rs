@@ -183,3 +183,28 @@ fn experts_only_equal_llm_compressor_and_reload_gives_on_load_logits() {
         assert_ne!(logits(&float), a);
     }
 }
+
+/// The fused 3-D expert layout is refused with a clear error rather than
+/// written as a checkpoint that claims quantized experts it does not hold.
+#[test]
+fn fused_expert_layout_is_refused() {
+    let dir = tempdir::Dir::new("fused");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let base = root().join("tests/fixtures/qwen3_moe_base_f32");
+    std::fs::copy(base.join("config.json"), dir.0.join("config.json")).unwrap();
+    let t = candle_core::Tensor::zeros((8, 256, 128), DType::F32, &Device::Cpu).unwrap();
+    let mut m = std::collections::HashMap::new();
+    m.insert("model.layers.0.mlp.experts.gate_up_proj".to_string(), t);
+    candle_core::safetensors::save(&m, dir.0.join("model.safetensors")).unwrap();
+    let ck = Checkpoint::open(&dir.0).unwrap();
+    let out = tempdir::Dir::new("fused-out");
+    let o = SaveOptions {
+        quant: QuantScheme::on_load("fp8").unwrap(),
+        quant_dense: false,
+        shard_bytes: 1 << 30,
+    };
+    let e = save_quantized(&ck, &out.0, &o, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gate_up_proj") && e.contains("fused"), "{e}");
+}

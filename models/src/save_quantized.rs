@@ -96,6 +96,11 @@ pub fn save_quantized(
             .map_err(|e| ModelError::file(&ck.files[0], e))?;
         let dims = view.shape().to_vec();
         let dtype = view.dtype();
+        if name.contains(".mlp.experts.") && dims.len() == 3 {
+            return Err(ModelError::Input(format!(
+                "--save-quantized: `{name}` is in the fused expert layout (transformers 5.x), which the saver does not write yet"
+            )));
+        }
         // lm_head stays as stored, as llm-compressor's schemes leave it
         // (`ignore: ["lm_head"]`) and vLLM expects
         let linear = dims.len() == 2 && (name.ends_with("proj.weight") || name == "lm_head.weight");
