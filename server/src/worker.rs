@@ -42,7 +42,7 @@ pub struct Metrics {
 /// The handlers' side of the worker.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: Arc<Mutex<Sender<Cmd>>>,
+    tx: Sender<Cmd>,
     next_id: Arc<AtomicU64>,
     metrics: Arc<Mutex<Metrics>>,
 }
@@ -60,7 +60,7 @@ pub fn channel() -> (EngineHandle, Worker) {
     let metrics = Arc::new(Mutex::new(Metrics::default()));
     (
         EngineHandle {
-            tx: Arc::new(Mutex::new(tx)),
+            tx,
             next_id: Arc::new(AtomicU64::new(0)),
             metrics: metrics.clone(),
         },
@@ -80,8 +80,7 @@ impl EngineHandle {
             params,
             tx,
         };
-        let sent = self.tx.lock().map(|t| t.send(cmd).is_ok()).unwrap_or(false);
-        if !sent {
+        if self.tx.send(cmd).is_err() {
             // the worker is gone: the receiver ends at once
             let (tx, rx) = unbounded_channel();
             let _ = tx.send(Event::Rejected("the engine has stopped".into()));
@@ -92,9 +91,7 @@ impl EngineHandle {
 
     /// Asks the worker to finish the running requests and stop.
     pub fn shutdown(&self) {
-        if let Ok(t) = self.tx.lock() {
-            let _ = t.send(Cmd::Shutdown);
-        }
+        let _ = self.tx.send(Cmd::Shutdown);
     }
 
     pub fn metrics(&self) -> Metrics {

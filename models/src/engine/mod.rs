@@ -297,17 +297,8 @@ impl<'m> Engine<'m> {
                 return Ok(outputs);
             }
             Err(e) => {
-                let (i, _) = plan[0];
-                let mut s = self.running.remove(i);
-                self.cache.release(&mut s.table);
-                outputs.push(RequestOutput {
-                    id: s.id,
-                    finish: Some(FinishReason::Abort),
-                    error: Some(e.to_string()),
-                    prompt_tokens: s.prompt_len,
-                    completion_tokens: s.output_len(),
-                    ..Default::default()
-                });
+                let s = self.running.remove(plan[0].0);
+                outputs.push(self.end(s, FinishReason::Abort, Some(e.to_string())));
                 return Ok(outputs);
             }
         };
@@ -396,6 +387,17 @@ impl<'m> Engine<'m> {
             self.cache.release(&mut s.table);
         }
         Ok(())
+    }
+
+    /// Frees `s`'s blocks; its final output.
+    fn end(
+        &mut self,
+        mut s: Sequence,
+        reason: FinishReason,
+        error: Option<String>,
+    ) -> RequestOutput {
+        self.cache.release(&mut s.table);
+        s.ended(reason, error)
     }
 
     /// Runs every queued request to the end; outputs in step order.

@@ -53,15 +53,8 @@ impl Engine<'_> {
         if !self.running.is_empty() {
             return;
         }
-        if let Some(mut s) = self.waiting.pop_front() {
-            self.cache.release(&mut s.table);
-            outputs.push(RequestOutput {
-                id: s.id,
-                finish: Some(FinishReason::Length),
-                prompt_tokens: s.prompt_len,
-                completion_tokens: s.output_len(),
-                ..Default::default()
-            });
+        if let Some(s) = self.waiting.pop_front() {
+            outputs.push(self.end(s, FinishReason::Length, None));
         }
     }
 
@@ -123,17 +116,10 @@ impl Engine<'_> {
                 }
                 continue;
             }
-            let mut s = self.running.remove(i);
+            let s = self.running.remove(i);
             if self.running.is_empty() && self.waiting.is_empty() {
                 // alone and still too big: the cache is its limit
-                self.cache.release(&mut s.table);
-                outputs.push(RequestOutput {
-                    id: s.id,
-                    finish: Some(FinishReason::Length),
-                    prompt_tokens: s.prompt_len,
-                    completion_tokens: s.output_len(),
-                    ..Default::default()
-                });
+                outputs.push(self.end(s, FinishReason::Length, None));
             } else {
                 self.preempt(s);
             }

@@ -1,7 +1,7 @@
 //! One request inside the engine: its tokens, its place in the KV cache, its
 //! sampler, and the incremental text with stop-string detection.
 
-use super::request::{FinishReason, RequestId, RequestParams};
+use super::request::{FinishReason, RequestId, RequestOutput, RequestParams};
 use crate::error::Result;
 use crate::kv_cache::BlockTable;
 use crate::sampling::Sampler;
@@ -37,6 +37,18 @@ impl Sequence {
 
     pub fn output_len(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// The last output of a request that ends here without a new token.
+    pub fn ended(&self, reason: FinishReason, error: Option<String>) -> RequestOutput {
+        RequestOutput {
+            id: self.id,
+            finish: Some(reason),
+            error,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.output_len(),
+            ..Default::default()
+        }
     }
 
     /// Tokens not yet in the cache.
