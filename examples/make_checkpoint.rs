@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
 use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
 use candle_moe_models::safetensors_out::{write_sharded, OutTensor};
+use candle_moe_models::save_quantized::{quantization_config, Kind};
 use clap::Parser;
 use half::bf16;
 use serde_json::json;
@@ -367,30 +368,13 @@ fn config(s: &Shape, format: Format, specs: &[Spec]) -> serde_json::Value {
         .filter(|x| !x.quantized && x.shape.len() == 2 && x.name != "model.embed_tokens.weight")
         .map(|x| x.name.trim_end_matches(".weight").to_string())
         .collect();
-    if format == Format::Mxfp4 {
-        c["quantization_config"] = json!({
-            "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized",
-            "quantization_status": "compressed", "ignore": ignore,
-            "config_groups": {"group_0": {
-                "targets": ["Linear"], "format": "mxfp4-pack-quantized",
-                "weights": {"num_bits": 4, "type": "float", "symmetric": true, "strategy": "group",
-                            "group_size": 32, "dynamic": false, "scale_dtype": "torch.uint8"},
-                "input_activations": null,
-            }},
-        });
-    }
-    if format == Format::Fp8 {
-        c["quantization_config"] = json!({
-            "quant_method": "compressed-tensors", "format": "float-quantized",
-            "quantization_status": "compressed", "ignore": ignore,
-            "config_groups": {"group_0": {
-                "targets": ["Linear"], "format": "float-quantized",
-                "weights": {"num_bits": 8, "type": "float", "symmetric": true, "strategy": "block",
-                            "block_structure": [128, 128], "dynamic": false},
-                "input_activations": {"num_bits": 8, "type": "float", "symmetric": true,
-                                      "strategy": "group", "group_size": 128, "dynamic": true},
-            }},
-        });
+    let kind = match format {
+        Format::Bf16 => None,
+        Format::Fp8 => Some(Kind::Fp8),
+        Format::Mxfp4 => Some(Kind::Mxfp4),
+    };
+    if let Some(k) = kind {
+        c["quantization_config"] = quantization_config(k, ignore);
     }
     c
 }

@@ -28,9 +28,13 @@ pub struct SaveOptions {
     pub shard_bytes: usize,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+/// The compressed-tensors formats written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// FP8_BLOCK: e4m3 + a scale per 128×128 block, dynamic per-token-group
+    /// FP8 activations.
     Fp8,
+    /// MXFP4A16: e2m1 pairs + an e8m0 scale per 32.
     Mxfp4,
 }
 
@@ -261,11 +265,9 @@ fn raw_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>> {
     })
 }
 
-fn write_config(ck: &Checkpoint, out: &Path, kind: Kind, ignore: Vec<String>) -> Result<()> {
-    let src = ck.dir.join("config.json");
-    let text = std::fs::read_to_string(&src).map_err(|e| ModelError::file(&src, e))?;
-    let mut c: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::file(&src, e))?;
+/// config.json's `quantization_config` for `kind`, every Linear but
+/// `ignore` (module names) quantized — as llm-compressor writes it.
+pub fn quantization_config(kind: Kind, ignore: Vec<String>) -> serde_json::Value {
     let (format, group) = match kind {
         Kind::Fp8 => (
             "float-quantized",
@@ -283,11 +285,19 @@ fn write_config(ck: &Checkpoint, out: &Path, kind: Kind, ignore: Vec<String>) ->
                    "input_activations": null}),
         ),
     };
-    c["quantization_config"] = json!({
+    json!({
         "quant_method": "compressed-tensors", "format": format,
         "quantization_status": "compressed", "ignore": ignore,
         "config_groups": {"group_0": group},
-    });
+    })
+}
+
+fn write_config(ck: &Checkpoint, out: &Path, kind: Kind, ignore: Vec<String>) -> Result<()> {
+    let src = ck.dir.join("config.json");
+    let text = std::fs::read_to_string(&src).map_err(|e| ModelError::file(&src, e))?;
+    let mut c: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::file(&src, e))?;
+    c["quantization_config"] = quantization_config(kind, ignore);
     let p = out.join("config.json");
     std::fs::write(&p, serde_json::to_string_pretty(&c).unwrap_or_default())
         .map_err(|e| ModelError::file(&p, e))
