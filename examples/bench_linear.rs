@@ -11,9 +11,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use candle_moe::ops::{linear, LinearArgs, WeightQuant};
-use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
-use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
+use candle_moe::format::fp8::{quantize_fp8_block, SourcePrecision};
+use candle_moe::format::mxfp4::quantize_mxfp4;
+use candle_moe::format::PackedWeights;
+use candle_moe::ops::{linear, LinearArgs};
 use clap::Parser;
 use std::time::Instant;
 
@@ -82,7 +83,7 @@ fn main() -> Result<()> {
                     let sc = Tensor::from_vec(s, (1, n.div_ceil(128), k.div_ceil(128)), &dev)?;
                     let b = n * k + sc.elem_count() * 4;
                     let a = LinearArgs {
-                        quant: Some(WeightQuant::Fp8 {
+                        quant: Some(PackedWeights::Fp8 {
                             scales: sc,
                             block: (128, 128),
                         }),
@@ -95,7 +96,7 @@ fn main() -> Result<()> {
                     let (q, s) = quantize_mxfp4(&wf, n, k);
                     let b = q.len() + s.len();
                     let a = LinearArgs {
-                        quant: Some(WeightQuant::Mxfp4 {
+                        quant: Some(PackedWeights::Mxfp4 {
                             scales: Tensor::from_vec(s, (1, n, k / 32), &dev)?,
                         }),
                         ..Default::default()

@@ -14,8 +14,8 @@
 //!     cargo run --release --example make_checkpoint -- --shape qwen3-30b-a3b --format fp8 --out DIR
 
 use anyhow::{bail, Context, Result};
-use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
-use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
+use candle_moe::format::fp8::{quantize_fp8_block, SourcePrecision};
+use candle_moe::format::mxfp4::quantize_mxfp4;
 use candle_moe_models::safetensors_out::{write_sharded, OutTensor};
 use candle_moe_models::save_quantized::{quantization_config, Kind};
 use clap::Parser;

@@ -36,7 +36,24 @@ pub(crate) const FP8_MMA: Ptx = Ptx {
 /// `launch!(dev, "kernel", cfg, &arg1, &arg2, ...)` (a kernel of [`OPS`]) or
 /// `launch!(in MODULE; dev, "kernel", cfg, ...)`: every argument must live
 /// until the end of the enclosing statement block (bind values to locals).
+/// `launch!(in MODULE, sig SIG; ...)` also checks the arguments against the
+/// kernel's parameter kinds (`SIG`: `*` pointer, `i` int, as kernels/*.cu
+/// declares them; a test compares the two): their number at compile time,
+/// their kinds before the launch.
 macro_rules! launch {
+    (in $m:expr, sig $sig:expr; $dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        const _: () = assert!($sig.len() == [$(stringify!($arg)),+].len());
+        let kinds = [$($crate::cuda::arg_kind($arg)),+];
+        if kinds[..] != *$sig.as_bytes() {
+            candle_core::bail!(
+                "kernel {}: arguments {:?} do not match its parameters {:?}",
+                $name,
+                String::from_utf8_lossy(&kinds),
+                $sig
+            )
+        }
+        $crate::cuda::launch!(in $m; $dev, $name, $cfg, $($arg),+)
+    }};
     (in $m:expr; $dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         let m = &$m;
@@ -52,6 +69,23 @@ macro_rules! launch {
     };
 }
 pub(crate) use launch;
+
+/// What a kernel argument is, as the signature strings of `launch!` name it.
+pub(crate) trait KernelArg {
+    const KIND: u8;
+}
+impl<T> KernelArg for CudaSlice<T> {
+    const KIND: u8 = b'*';
+}
+impl<T> KernelArg for CudaView<'_, T> {
+    const KIND: u8 = b'*';
+}
+impl KernelArg for i32 {
+    const KIND: u8 = b'i';
+}
+pub(crate) fn arg_kind<T: KernelArg>(_: &T) -> u8 {
+    T::KIND
+}
 
 /// A contiguous operand as a typed device view.
 pub(crate) fn view<'a, T: CudaDType>(

@@ -48,12 +48,6 @@ pub struct EpConfig {
     pub strategy: PlacementStrategy,
     /// Grouped top-k models (DeepSeek-style) have `Some(g)` with g > 1.
     pub num_expert_group: Option<usize>,
-    pub num_redundant_experts: usize,
-    pub enable_eplb: bool,
-    /// The dispatch uses all-to-all kernels (not the naive all-gather one).
-    pub use_all2all_kernels: bool,
-    /// The all-to-all backend routes by physical expert id (DeepEP-LL, NIXL).
-    pub needs_round_robin_routing_tables: bool,
 }
 
 impl Default for EpConfig {
@@ -63,10 +57,6 @@ impl Default for EpConfig {
             ep_rank: 0,
             strategy: PlacementStrategy::Linear,
             num_expert_group: None,
-            num_redundant_experts: 0,
-            enable_eplb: false,
-            use_all2all_kernels: false,
-            needs_round_robin_routing_tables: true,
         }
     }
 }
@@ -138,41 +128,25 @@ pub fn determine_expert_map(
     Ok((local, Some(map)))
 }
 
-/// vLLM's fallback rules: round-robin only for multi-group models without
-/// redundant experts or EPLB, and with all-to-all kernels only when the backend
-/// routes through the round-robin tables. Returns the strategy to use and, when
-/// it differs from the request, why.
+/// vLLM's fallback rule: round-robin placement only for models with several
+/// expert groups (redundant experts and EPLB, which also force linear there,
+/// do not exist here). Returns the strategy to use and, when it differs from
+/// the request, why.
 pub fn determine_expert_placement_strategy(
     requested: PlacementStrategy,
     cfg: &EpConfig,
 ) -> (PlacementStrategy, Option<String>) {
-    if requested != PlacementStrategy::RoundRobin {
+    if requested != PlacementStrategy::RoundRobin || cfg.num_expert_group.is_some_and(|g| g > 1) {
         return (requested, None);
     }
-    let supported = cfg.num_expert_group.is_some_and(|g| g > 1)
-        && cfg.num_redundant_experts == 0
-        && !cfg.enable_eplb;
-    if !supported {
-        return (
-            PlacementStrategy::Linear,
-            Some(
-                "round-robin expert placement is only supported for models with multiple \
-                 expert groups and no redundant experts; falling back to linear"
-                    .into(),
-            ),
-        );
-    }
-    if cfg.use_all2all_kernels && !cfg.needs_round_robin_routing_tables {
-        return (
-            PlacementStrategy::Linear,
-            Some(
-                "round-robin expert placement needs an all-to-all backend that routes through \
-                 the round-robin tables; falling back to linear"
-                    .into(),
-            ),
-        );
-    }
-    (PlacementStrategy::RoundRobin, None)
+    (
+        PlacementStrategy::Linear,
+        Some(
+            "round-robin expert placement is only supported for models with multiple \
+             expert groups; falling back to linear"
+                .into(),
+        ),
+    )
 }
 
 /// Round-robin routing tables: where each global expert physically lives
@@ -251,10 +225,7 @@ impl ExpertMapManager {
             Some(m) => Some(Tensor::from_slice(m, m.len(), &self.device)?),
             None => None,
         };
-        let tables = if strategy == PlacementStrategy::RoundRobin
-            && cfg.needs_round_robin_routing_tables
-            && map_cpu.is_some()
-        {
+        let tables = if strategy == PlacementStrategy::RoundRobin && map_cpu.is_some() {
             Some(self.round_robin_tables(&cfg, local)?)
         } else {
             None

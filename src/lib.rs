@@ -44,6 +44,7 @@ pub(crate) mod cuda;
 pub mod dist;
 pub mod error;
 pub mod expert_map;
+pub mod format;
 pub mod layer;
 pub mod modular;
 pub mod ops;

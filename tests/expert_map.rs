@@ -215,22 +215,6 @@ fn strategy_fallback_rules() {
         RoundRobin
     );
     let c = EpConfig {
-        num_redundant_experts: 1,
-        ..base.clone()
-    };
-    assert_eq!(
-        determine_expert_placement_strategy(RoundRobin, &c).0,
-        Linear
-    );
-    let c = EpConfig {
-        enable_eplb: true,
-        ..base.clone()
-    };
-    assert_eq!(
-        determine_expert_placement_strategy(RoundRobin, &c).0,
-        Linear
-    );
-    let c = EpConfig {
         num_expert_group: Some(1),
         ..base.clone()
     };
@@ -238,33 +222,11 @@ fn strategy_fallback_rules() {
         determine_expert_placement_strategy(RoundRobin, &c).0,
         Linear
     );
-    let c = EpConfig {
-        use_all2all_kernels: true,
-        needs_round_robin_routing_tables: false,
-        ..base.clone()
-    };
-    assert_eq!(
-        determine_expert_placement_strategy(RoundRobin, &c).0,
-        Linear
-    );
-    let c = EpConfig {
-        use_all2all_kernels: true,
-        ..base.clone()
-    };
-    assert_eq!(
-        determine_expert_placement_strategy(RoundRobin, &c).0,
-        RoundRobin
-    );
     assert_eq!(
         determine_expert_placement_strategy(Linear, &base),
         (Linear, None)
     );
-    // tables only when the backend needs them
-    let c = EpConfig {
-        needs_round_robin_routing_tables: false,
-        ..base
-    };
-    let mgr = ExpertMapManager::new(8, 2, c, &Device::Cpu).unwrap();
+    let mgr = ExpertMapManager::new(8, 2, base, &Device::Cpu).unwrap();
     assert_eq!(mgr.placement_strategy(), RoundRobin);
-    assert!(mgr.routing_tables().is_none());
+    assert!(mgr.routing_tables().is_some());
 }

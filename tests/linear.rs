@@ -8,9 +8,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_moe::ops::{linear, LinearArgs, WeightQuant};
-use candle_moe::quant::fp8_codec::{e4m3_to_f32, quantize_fp8_block, SourcePrecision};
-use candle_moe::quant::mxfp4_codec::{e2m1_to_f32, e8m0_to_f32, quantize_mxfp4};
+use candle_moe::format::fp8::{e4m3_to_f32, quantize_fp8_block, SourcePrecision};
+use candle_moe::format::mxfp4::{e2m1_to_f32, e8m0_to_f32, quantize_mxfp4};
+use candle_moe::format::PackedWeights;
+use candle_moe::ops::{linear, LinearArgs};
 use common::Rng;
 
 /// `[m, n]` in f64 of `x [m, k]` times `w [n, k]` plus `b`.
@@ -178,7 +179,7 @@ fn packed_weights_match_dequantized_reference() {
             .collect();
         let args = LinearArgs {
             bias: bias.clone(),
-            quant: Some(WeightQuant::Fp8 {
+            quant: Some(PackedWeights::Fp8 {
                 scales: Tensor::from_vec(s, (1, c.n.div_ceil(128), kb), &dev).unwrap(),
                 block: (128, 128),
             }),
@@ -212,7 +213,7 @@ fn packed_weights_match_dequantized_reference() {
             .collect();
         let args = LinearArgs {
             bias,
-            quant: Some(WeightQuant::Mxfp4 {
+            quant: Some(PackedWeights::Mxfp4 {
                 scales: Tensor::from_vec(s, (1, c.n, c.k / 32), &dev).unwrap(),
             }),
             act_quant_group: None,

@@ -10,12 +10,12 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use candle_moe::modular::{ActQuant, FusedMoeKernel, GroupedGemmExperts, LocalPrepareAndFinalize};
-use candle_moe::ops::WeightQuant;
-use candle_moe::quant::fp8_codec::{
+use candle_moe::format::fp8::{
     e4m3_to_f32, fake_quant_fp8_groups, quantize_fp8_block, SourcePrecision,
 };
-use candle_moe::quant::mxfp4_codec::{e2m1_to_f32, e8m0_to_f32, quantize_mxfp4};
+use candle_moe::format::mxfp4::{e2m1_to_f32, e8m0_to_f32, quantize_mxfp4};
+use candle_moe::format::{ActQuant, PackedWeights};
+use candle_moe::modular::{FusedMoeKernel, GroupedGemmExperts, LocalPrepareAndFinalize};
 use candle_moe::{Activation, Router, RouterConfig};
 use common::*;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ enum Format {
 }
 
 /// Quantized `[e, n, k]` weights: packed tensor, format, dequantized f32.
-fn quantize(w: &[f32], e: usize, n: usize, k: usize, f: Format) -> (Tensor, WeightQuant, Tensor) {
+fn quantize(w: &[f32], e: usize, n: usize, k: usize, f: Format) -> (Tensor, PackedWeights, Tensor) {
     let dev = Device::Cpu;
     let per = n * k;
     match f {
@@ -55,7 +55,7 @@ fn quantize(w: &[f32], e: usize, n: usize, k: usize, f: Format) -> (Tensor, Weig
             let sc = Tensor::from_vec(s, (e, n.div_ceil(128), k.div_ceil(128)), &dev).unwrap();
             (
                 Tensor::from_vec(q, (e, n, k), &dev).unwrap(),
-                WeightQuant::Fp8 {
+                PackedWeights::Fp8 {
                     scales: sc,
                     block: (128, 128),
                 },
@@ -75,7 +75,7 @@ fn quantize(w: &[f32], e: usize, n: usize, k: usize, f: Format) -> (Tensor, Weig
             }
             (
                 Tensor::from_vec(q, (e, n, k / 2), &dev).unwrap(),
-                WeightQuant::Mxfp4 {
+                PackedWeights::Mxfp4 {
                     scales: Tensor::from_vec(s, (e, n, k / 32), &dev).unwrap(),
                 },
                 Tensor::from_vec(d, (e, n, k), &dev).unwrap(),

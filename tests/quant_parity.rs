@@ -9,8 +9,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
-use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
+use candle_moe::format::fp8::{quantize_fp8_block, SourcePrecision};
+use candle_moe::format::mxfp4::quantize_mxfp4;
 use candle_moe::quant::QuantScheme;
 use candle_moe_models::{Checkpoint, LoadOptions, Logits, QwenMoeForCausalLM, Session};
 use common::{argmax, expected_cases, fixture};
@@ -106,7 +106,7 @@ fn fp8_block_compressed_tensors_matches_llm_compressor() {
     // this random model): the check above does see the activation
     // quantization
     let w8a16 = QuantScheme::Fp8(candle_moe::quant::Fp8::compressed_tensors(
-        candle_moe::quant::Fp8Strategy::Block(128, 128),
+        candle_moe::format::Fp8Strategy::Block(128, 128),
         None,
     ));
     let m = load("qwen3_moe_fp8_block", Some(w8a16));

@@ -8,9 +8,9 @@ pub(super) fn weights_as(
     (e, n, k): (usize, usize, usize),
     fmt: &str,
     dev: &Device,
-) -> Result<(Tensor, Option<WeightQuant>)> {
-    use candle_moe::quant::fp8_codec::{quantize_fp8_block, SourcePrecision};
-    use candle_moe::quant::mxfp4_codec::quantize_mxfp4;
+) -> Result<(Tensor, Option<PackedWeights>)> {
+    use candle_moe::format::fp8::{quantize_fp8_block, SourcePrecision};
+    use candle_moe::format::mxfp4::quantize_mxfp4;
     let per = n * k;
     Ok(match fmt {
         "f32" | "bf16" | "f16" => {
@@ -39,7 +39,7 @@ pub(super) fn weights_as(
             let scales = Tensor::from_vec(sc, (e, n.div_ceil(128), k.div_ceil(128)), dev)?;
             (
                 Tensor::from_vec(q, (e, n, k), dev)?,
-                Some(WeightQuant::Fp8 {
+                Some(PackedWeights::Fp8 {
                     scales,
                     block: (128, 128),
                 }),
@@ -55,7 +55,7 @@ pub(super) fn weights_as(
             let scales = Tensor::from_vec(sc, (e, n, k / 32), dev)?;
             (
                 Tensor::from_vec(q, (e, n, k / 2), dev)?,
-                Some(WeightQuant::Mxfp4 { scales }),
+                Some(PackedWeights::Mxfp4 { scales }),
             )
         }
     })
@@ -68,11 +68,11 @@ pub(super) fn cpu_args(a: &GroupedGemmArgs) -> Result<GroupedGemmArgs> {
         topk_weights: cpu(&a.topk_weights)?,
         quant: match &a.quant {
             None => None,
-            Some(WeightQuant::Fp8 { scales, block }) => Some(WeightQuant::Fp8 {
+            Some(PackedWeights::Fp8 { scales, block }) => Some(PackedWeights::Fp8 {
                 scales: scales.to_device(&Device::Cpu)?,
                 block: *block,
             }),
-            Some(WeightQuant::Mxfp4 { scales }) => Some(WeightQuant::Mxfp4 {
+            Some(PackedWeights::Mxfp4 { scales }) => Some(PackedWeights::Mxfp4 {
                 scales: scales.to_device(&Device::Cpu)?,
             }),
         },
@@ -130,10 +130,9 @@ pub(super) fn kernel_checks(
                         topk_weights: Some(topk_w.clone()),
                         quant: quant.clone(),
                         act_quant_group: fmt.ends_with("w8a8").then_some(128),
-                        kernel,
                     };
                     let want = grouped_gemm(&a_cpu, &w_cpu, &rc, cpu_args(&args)?)?;
-                    let got = match grouped_gemm(&a_gpu, &w_gpu, &rg, args) {
+                    let got = match grouped_gemm_with_kernel(&a_gpu, &w_gpu, &rg, args, kernel) {
                         Ok(t) => t,
                         Err(err) if err.to_string().contains("cannot run this problem") => {
                             skipped += 1;
@@ -211,10 +210,9 @@ pub(super) fn bench_kernels(gpu: &Device, rng: &mut Rng, quick: bool) -> Result<
                     row_div: top_k,
                     quant: quant.clone(),
                     act_quant_group: fmt.ends_with("w8a8").then_some(128),
-                    kernel,
                     ..Default::default()
                 };
-                match grouped_gemm(&a, &w, &routing, args.clone()) {
+                match grouped_gemm_with_kernel(&a, &w, &routing, args.clone(), kernel) {
                     Ok(_) => {}
                     Err(err) if err.to_string().contains("cannot run this problem") => continue,
                     Err(err) => return Err(err.into()),
@@ -223,7 +221,7 @@ pub(super) fn bench_kernels(gpu: &Device, rng: &mut Rng, quick: bool) -> Result<
                 let reps = if t >= 4096 { 10 } else { 100 };
                 let t0 = Instant::now();
                 for _ in 0..reps {
-                    grouped_gemm(&a, &w, &routing, args.clone())?;
+                    grouped_gemm_with_kernel(&a, &w, &routing, args.clone(), kernel)?;
                 }
                 gpu.synchronize()?;
                 let ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;

@@ -15,9 +15,10 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_moe::format::PackedWeights;
 use candle_moe::ops::{
-    grouped_gemm, moe_align_block_size, router_weights, topk_select, CudaGemmKernel,
-    GroupedGemmArgs, ScoringFunc, WeightQuant,
+    grouped_gemm, grouped_gemm_with_kernel, moe_align_block_size, router_weights, topk_select,
+    CudaGemmKernel, GroupedGemmArgs, ScoringFunc,
 };
 use candle_moe::quant::QuantScheme;
 use candle_moe::{FusedMoe, FusedMoeConfig};

@@ -1,9 +1,9 @@
 //! The expert compute of the modular kernel.
 
 use super::metadata::ExpertTokensMetadata;
+use crate::format::{ActQuant, PackedWeights};
 use crate::ops::{
-    act_and_mul, align_block_size, grouped_gemm, moe_align_block_size, Activation, CudaGemmKernel,
-    GroupedGemmArgs, WeightQuant,
+    act_and_mul, align_block_size, grouped_gemm, moe_align_block_size, Activation, GroupedGemmArgs,
 };
 use candle_core::{bail, Result, Tensor};
 
@@ -50,27 +50,20 @@ pub trait Experts: Send + Sync + std::fmt::Debug {
     fn apply(&self, args: &ExpertApplyArgs<'_>) -> Result<ExpertsOutput>;
 }
 
-/// How the inputs of both expert GEMMs are quantized on the fly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ActQuant {
-    /// Dynamic FP8 e4m3, one scale per token per `group` columns (W8A8).
-    Fp8PerTokenGroup { group: usize },
-}
-
 /// Experts as grouped GEMMs: align by expert → grouped GEMM (w13) → act·mul →
 /// grouped GEMM (w2). Output `[T, k, H]` f32, reduced contiguously. The
 /// weights are float, or FP8 / MXFP4 read in their packed form.
 #[derive(Clone, Debug)]
 pub struct GroupedGemmExperts {
-    /// `[E_local, 2I, H]`: gate rows, then up rows (packed: see [`WeightQuant`]).
+    /// `[E_local, 2I, H]`: gate rows, then up rows (packed: see [`PackedWeights`]).
     pub w13: Tensor,
     /// `[E_local, H, I]`.
     pub w2: Tensor,
     pub w13_bias: Option<Tensor>,
     pub w2_bias: Option<Tensor>,
     pub activation: Activation,
-    pub w13_quant: Option<WeightQuant>,
-    pub w2_quant: Option<WeightQuant>,
+    pub w13_quant: Option<PackedWeights>,
+    pub w2_quant: Option<PackedWeights>,
     pub act_quant: Option<ActQuant>,
 }
 
@@ -87,8 +80,8 @@ impl GroupedGemmExperts {
 
     /// Experts over quantized (or float, with `None`) weights.
     pub fn quantized(
-        (w13, w13_quant): (Tensor, Option<WeightQuant>),
-        (w2, w2_quant): (Tensor, Option<WeightQuant>),
+        (w13, w13_quant): (Tensor, Option<PackedWeights>),
+        (w2, w2_quant): (Tensor, Option<PackedWeights>),
         w13_bias: Option<Tensor>,
         w2_bias: Option<Tensor>,
         activation: Activation,
@@ -135,9 +128,9 @@ impl Experts for GroupedGemmExperts {
     fn name(&self) -> &'static str {
         match (&self.w13_quant, self.act_quant) {
             (None, _) => "grouped-gemm",
-            (Some(WeightQuant::Fp8 { .. }), Some(_)) => "grouped-gemm-fp8-w8a8",
-            (Some(WeightQuant::Fp8 { .. }), None) => "grouped-gemm-fp8-w8a16",
-            (Some(WeightQuant::Mxfp4 { .. }), _) => "grouped-gemm-mxfp4-w4a16",
+            (Some(PackedWeights::Fp8 { .. }), Some(_)) => "grouped-gemm-fp8-w8a8",
+            (Some(PackedWeights::Fp8 { .. }), None) => "grouped-gemm-fp8-w8a16",
+            (Some(PackedWeights::Mxfp4 { .. }), _) => "grouped-gemm-mxfp4-w4a16",
         }
     }
     fn local_num_experts(&self) -> usize {
@@ -205,7 +198,6 @@ impl Experts for GroupedGemmExperts {
                 topk_weights: None,
                 quant: self.w13_quant.clone(),
                 act_quant_group: self.act_quant_group(),
-                kernel: CudaGemmKernel::Auto,
             },
         )?;
         let c2 = act_and_mul(&c1, self.activation)?;
@@ -227,7 +219,6 @@ impl Experts for GroupedGemmExperts {
                 topk_weights: None,
                 quant: self.w2_quant.clone(),
                 act_quant_group: self.act_quant_group(),
-                kernel: CudaGemmKernel::Auto,
             },
         )?;
         Ok(ExpertsOutput {

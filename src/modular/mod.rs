@@ -10,7 +10,7 @@ pub mod prepare_finalize;
 pub mod reference_experts;
 pub mod weight_reduce;
 
-pub use experts::{ActQuant, ExpertApplyArgs, Experts, GroupedGemmExperts, ProblemSize};
+pub use experts::{ExpertApplyArgs, Experts, GroupedGemmExperts, ProblemSize};
 pub use kernel::FusedMoeKernel;
 pub use metadata::ExpertTokensMetadata;
 pub use prepare_finalize::{LocalPrepareAndFinalize, PrepareAndFinalize, Prepared};

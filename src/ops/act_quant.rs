@@ -3,7 +3,7 @@
 //! as quantize-dequantize: the following GEMM then computes exactly the
 //! W8A8 product `Σ q_a·s_a · q_w·s_w`, accumulated in f32.
 
-use crate::quant::fp8_codec::fake_quant_fp8_groups;
+use crate::format::fp8::fake_quant_fp8_groups;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -116,9 +116,8 @@ mod tests {
         assert_eq!(y[0][0], 448.0);
         assert_eq!(y[0][1], 1.25); // 1.3 → nearest e4m3 at scale 1
         let s = 0.0017f32 / 448.0;
-        let q = |v: f32| {
-            crate::quant::fp8_codec::e4m3_to_f32(crate::quant::fp8_codec::f32_to_e4m3(v / s)) * s
-        };
+        let q =
+            |v: f32| crate::format::fp8::e4m3_to_f32(crate::format::fp8::f32_to_e4m3(v / s)) * s;
         assert_eq!(y[0][2], q(0.001));
         assert!((y[0][3] - 0.0017).abs() < 1e-9);
         Ok(())

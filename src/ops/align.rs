@@ -347,3 +347,20 @@ pub fn moe_align_block_size(
         buffer,
     })
 }
+
+/// Rows per align block for `m` tokens routed to `top_k` of `num_experts`
+/// experts on `device`: 16 while experts average at most 8 rows (decode),
+/// 64 beyond on CUDA. The CPU GEMM merges an expert's blocks, so there a
+/// small block only bounds padding: always 16.
+pub fn align_block_size(
+    device: &candle_core::Device,
+    m: usize,
+    top_k: usize,
+    num_experts: usize,
+) -> usize {
+    if device.is_cuda() && m * top_k > 8 * num_experts.max(1) {
+        64
+    } else {
+        16
+    }
+}

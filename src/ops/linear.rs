@@ -1,5 +1,5 @@
 //! Dense linear `y = x · Wᵀ (+ b)` with `W [N, K]` read as stored: f32 / bf16 /
-//! f16, or packed FP8 / MXFP4 (the formats of [`WeightQuant`]). The engines
+//! f16, or packed FP8 / MXFP4 (the formats of [`PackedWeights`]). The engines
 //! are the grouped GEMM's (one weight matrix, every row), so a decode step
 //! reads each weight byte once and prefill runs the packed FMA tiles; no
 //! routing is built per call.
@@ -7,11 +7,12 @@
 //! CPU: rayon over (row chunk × column tile). Other devices: candle's matmul
 //! for float weights, the one-expert grouped GEMM for packed ones.
 
+use super::gemm_cpu::quant::{qgemm_tile, QTile};
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
-use super::gemm_quant_cpu::{qgemm_tile, QTile};
 use super::grouped_gemm::{f32_field, packed_bytes, quant_mats, slice};
-use super::{contiguous, to_f32_cow, SendPtr, WeightQuant};
-use crate::quant::fp8_codec::fake_quant_fp8_groups;
+use super::{contiguous, to_f32_cow, SendPtr};
+use crate::format::fp8::fake_quant_fp8_groups;
+use crate::format::PackedWeights;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
@@ -23,7 +24,7 @@ pub struct LinearArgs {
     /// `[N]` bias (any float dtype), added in f32.
     pub bias: Option<Tensor>,
     /// Set when the weight is packed FP8 (`[N, K]` bytes) or MXFP4 (`[N, K/2]`).
-    pub quant: Option<WeightQuant>,
+    pub quant: Option<PackedWeights>,
     /// Quantize the input to FP8 per token per group of this many columns
     /// first (dynamic W8A8, as the checkpoint's runtime does).
     pub act_quant_group: Option<usize>,
@@ -120,7 +121,7 @@ impl DenseLinear {
                 let mats = quant_mats(quant, sc, st.1, w, 1, n, k)?;
                 let wm = mats[0];
                 run_tiles(&a, k, n, wm.row_bytes(), &|ap, n0, n1, cp| {
-                    // SAFETY: `wm` passed check_qmat in quant_mats; rows and
+                    // SAFETY: `wm` passed PackedMat::check in quant_mats; rows and
                     // outputs as in `dense`.
                     unsafe {
                         qgemm_tile(&QTile {
@@ -148,7 +149,7 @@ impl DenseLinear {
 #[cfg(target_arch = "x86_64")]
 fn bf16_prefill(x: &[bf16], w: &[bf16], (m, n, k): (usize, usize, usize)) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
-    let nb = 4 * super::gemm_bf16_packed::STRIP;
+    let nb = 4 * super::gemm_cpu::bf16_packed::STRIP;
     let items: Vec<(usize, usize)> = (0..m)
         .step_by(ROW_CHUNK)
         .flat_map(|r0| (0..n).step_by(nb).map(move |n0| (r0, n0)))
@@ -163,7 +164,7 @@ fn bf16_prefill(x: &[bf16], w: &[bf16], (m, n, k): (usize, usize, usize)) -> Vec
         let cp: Vec<*mut f32> = (r0..r1)
             .map(|r| unsafe { out_ptr.get().add(r * n + n0) })
             .collect();
-        unsafe { super::gemm_bf16_packed::gemm(&ap, w, (n, k), (n0, n1), &cp) }
+        unsafe { super::gemm_cpu::bf16_packed::gemm(&ap, w, (n, k), (n0, n1), &cp) }
     });
     out
 }
@@ -199,7 +200,7 @@ impl CustomOp2 for DenseLinear {
             && sw.dtype() == DType::BF16
             && m > SKINNY_MAX_ROWS
             && k % 2 == 0
-            && super::gemm_bf16_avx512::available();
+            && super::gemm_cpu::bf16_avx512::available();
         #[cfg(not(target_arch = "x86_64"))]
         let packed_bf16 = false;
         let mut out = if packed_bf16 {
@@ -292,7 +293,6 @@ fn accel(x: &Tensor, w: &Tensor, args: &LinearArgs) -> Result<Tensor> {
                     topk_weights: None,
                     quant: Some(quant.clone()),
                     act_quant_group: args.act_quant_group,
-                    kernel: super::CudaGemmKernel::Auto,
                 },
             )?
             .to_dtype(dt)

@@ -6,13 +6,7 @@ pub mod act_quant;
 pub mod activation;
 pub mod align;
 pub mod attention;
-#[cfg(target_arch = "x86_64")]
-mod gemm_bf16_avx512;
-#[cfg(target_arch = "x86_64")]
-mod gemm_bf16_packed;
 pub(crate) mod gemm_cpu;
-pub mod gemm_cuda;
-pub(crate) mod gemm_quant_cpu;
 pub mod grouped_gemm;
 pub mod linear;
 pub mod reduce;
@@ -20,10 +14,9 @@ pub mod topk;
 
 pub use act_quant::fp8_group_quant_dequant;
 pub use activation::{act_and_mul, Activation};
-pub use align::{moe_align_block_size, AlignedRouting};
+pub use align::{align_block_size, moe_align_block_size, AlignedRouting};
 pub use attention::{paged_attention, write_kv, PagedAttentionMeta, SeqSpan};
-pub use gemm_cuda::{align_block_size, CudaGemmKernel};
-pub use grouped_gemm::{grouped_gemm, GroupedGemmArgs, WeightQuant};
+pub use grouped_gemm::{grouped_gemm, grouped_gemm_with_kernel, CudaGemmKernel, GroupedGemmArgs};
 pub use linear::{linear, LinearArgs};
 pub use reduce::moe_weighted_sum;
 pub use topk::{router_weights, topk_select, ScoringFunc};

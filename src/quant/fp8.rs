@@ -10,40 +10,18 @@
 //! quantized per token and group of 128 (W8A8, as vLLM and the
 //! checkpoints' dynamic scheme do) unless [`Fp8::weight_only`] asks for W8A16.
 
-use super::float_rows::with_rows;
-use super::fp8_codec::{quantize_fp8_block_rows, SourcePrecision};
 use super::loading::{
     check_local_ids, full_name, get_any, get_dtype, load_biases, tensor_bytes, FloatExperts,
 };
 use super::{ExpertLayerSpec, QuantMethod, TensorSpec};
 use crate::error::{MoeError, Result};
-use crate::modular::{ActQuant, Experts, GroupedGemmExperts};
-use crate::ops::WeightQuant;
+use crate::format::float_rows::with_rows;
+use crate::format::fp8::{quantize_fp8_block_rows, SourcePrecision};
+use crate::format::{ActQuant, Fp8Strategy, PackedWeights};
+use crate::modular::{Experts, GroupedGemmExperts};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
-
-/// What one scale covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fp8Strategy {
-    /// `bn × bk` blocks (rows × columns).
-    Block(usize, usize),
-    /// One scale per output row.
-    Channel,
-    /// One scale per matrix.
-    Tensor,
-}
-
-impl Fp8Strategy {
-    /// The `(bn, bk)` block of an `[n, k]` matrix.
-    pub fn block(self, n: usize, k: usize) -> (usize, usize) {
-        match self {
-            Self::Block(bn, bk) => (bn, bk),
-            Self::Channel => (1, k.max(1)),
-            Self::Tensor => (n.max(1), k.max(1)),
-        }
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fp8 {
@@ -272,14 +250,14 @@ impl QuantMethod for Fp8 {
         Ok(Arc::new(GroupedGemmExperts::quantized(
             (
                 Tensor::from_vec(w13.q, (e, 2 * i, h), dev)?,
-                Some(WeightQuant::Fp8 {
+                Some(PackedWeights::Fp8 {
                     scales: w13_s,
                     block: (bn13, bk13),
                 }),
             ),
             (
                 Tensor::from_vec(w2.q, (e, h, i), dev)?,
-                Some(WeightQuant::Fp8 {
+                Some(PackedWeights::Fp8 {
                     scales: w2_s,
                     block: (bn2, bk2),
                 }),

@@ -4,13 +4,13 @@
 //! same kernels read the bytes and FP8 W8A8 schemes quantize the input per
 //! token group, as the checkpoint's runtime does.
 
-use super::fp8_codec::{quantize_fp8_block, SourcePrecision};
 use super::loading::{full_name, get_dtype};
-use super::mxfp4_codec::{quantize_mxfp4, MX_GROUP};
 use super::{Mxfp4, QuantScheme};
 use crate::error::{MoeError, Result};
-use crate::modular::ActQuant;
-use crate::ops::{linear, LinearArgs, WeightQuant};
+use crate::format::fp8::{quantize_fp8_block, SourcePrecision};
+use crate::format::mxfp4::{quantize_mxfp4, MX_GROUP};
+use crate::format::{ActQuant, PackedWeights};
+use crate::ops::{linear, LinearArgs};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
@@ -97,7 +97,7 @@ pub fn qlinear(
             let (nb, kb) = (out_dim.div_ceil(bn), in_dim.div_ceil(bk));
             Some((
                 Tensor::from_vec(q, (out_dim, in_dim), dev)?,
-                WeightQuant::Fp8 {
+                PackedWeights::Fp8 {
                     scales: Tensor::from_vec(s, (1, nb, kb), dev)?,
                     block: (bn, bk),
                 },
@@ -114,7 +114,7 @@ pub fn qlinear(
             let (q, s) = Mxfp4::read_proj(vb, out_dim, in_dim)?;
             Some((
                 Tensor::from_vec(q, (out_dim, in_dim / 2), dev)?,
-                WeightQuant::Mxfp4 {
+                PackedWeights::Mxfp4 {
                     scales: Tensor::from_vec(s, (1, out_dim, in_dim / MX_GROUP), dev)?,
                 },
                 None,
@@ -130,7 +130,7 @@ pub fn qlinear(
             let (nb, kb) = (out_dim.div_ceil(bn), in_dim.div_ceil(bk));
             Some((
                 Tensor::from_vec(q, (out_dim, in_dim), dev)?,
-                WeightQuant::Fp8 {
+                PackedWeights::Fp8 {
                     scales: Tensor::from_vec(s, (1, nb, kb), dev)?,
                     block: (bn, bk),
                 },
@@ -143,7 +143,7 @@ pub fn qlinear(
             let (q, s) = quantize_mxfp4(&w, out_dim, in_dim);
             Some((
                 Tensor::from_vec(q, (out_dim, in_dim / 2), dev)?,
-                WeightQuant::Mxfp4 {
+                PackedWeights::Mxfp4 {
                     scales: Tensor::from_vec(s, (1, out_dim, in_dim / MX_GROUP), dev)?,
                 },
                 None,
@@ -175,9 +175,10 @@ pub fn qlinear(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::fp8::{e4m3_to_f32, quantize_fp8_block, SourcePrecision};
+    use crate::format::Fp8Strategy;
     use crate::ops::fp8_group_quant_dequant;
-    use crate::quant::fp8_codec::{e4m3_to_f32, quantize_fp8_block, SourcePrecision};
-    use crate::quant::{Fp8, Fp8Strategy};
+    use crate::quant::Fp8;
     use candle_core::Device;
     use candle_nn::Linear;
     use std::collections::HashMap;

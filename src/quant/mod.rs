@@ -1,17 +1,14 @@
 //! Quant methods: what an MoE layer loads from a checkpoint, how it repacks
 //! it, and which [`Experts`] implementation computes with it.
 
-pub mod float_rows;
 pub mod fp8;
-pub mod fp8_codec;
 pub mod linear;
 pub(crate) mod loading;
 pub mod mxfp4;
-pub mod mxfp4_codec;
 pub mod scheme;
 pub mod unquantized;
 
-pub use fp8::{Fp8, Fp8Strategy};
+pub use fp8::Fp8;
 pub use linear::{qlinear, QLinear};
 pub use mxfp4::Mxfp4;
 pub use scheme::{QuantScheme, QuantizationConfig};

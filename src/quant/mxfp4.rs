@@ -11,15 +11,15 @@
 //! (local experts only) and de-interleaved into the `[gate; up]` stack. gpt-oss's
 //! clamped SwiGLU is not one of the activations here yet.
 
-use super::float_rows::with_rows;
 use super::loading::{
     check_local_ids, full_name, get_dtype, load_biases, tensor_bytes, FloatExperts,
 };
-use super::mxfp4_codec::{quantize_mxfp4_rows, MX_GROUP};
 use super::{ExpertLayerSpec, QuantMethod, TensorSpec};
 use crate::error::{MoeError, Result};
+use crate::format::float_rows::with_rows;
+use crate::format::mxfp4::{quantize_mxfp4_rows, MX_GROUP};
+use crate::format::PackedWeights;
 use crate::modular::{Experts, GroupedGemmExperts};
-use crate::ops::WeightQuant;
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
@@ -132,13 +132,13 @@ impl Mxfp4 {
         Ok(Arc::new(GroupedGemmExperts::quantized(
             (
                 Tensor::from_vec(q13, (e, 2 * i, h / 2), dev)?,
-                Some(WeightQuant::Mxfp4 {
+                Some(PackedWeights::Mxfp4 {
                     scales: Tensor::from_vec(sc13, (e, 2 * i, g13), dev)?,
                 }),
             ),
             (
                 Tensor::from_vec(q2, (e, h, i / 2), dev)?,
-                Some(WeightQuant::Mxfp4 {
+                Some(PackedWeights::Mxfp4 {
                     scales: Tensor::from_vec(sc2, (e, h, g2), dev)?,
                 }),
             ),
@@ -238,13 +238,13 @@ impl QuantMethod for Mxfp4 {
         Ok(Arc::new(GroupedGemmExperts::quantized(
             (
                 Tensor::from_vec(q13, (e, 2 * i, h / 2), dev)?,
-                Some(WeightQuant::Mxfp4 {
+                Some(PackedWeights::Mxfp4 {
                     scales: Tensor::from_vec(s13, (e, 2 * i, h / MX_GROUP), dev)?,
                 }),
             ),
             (
                 Tensor::from_vec(q2, (e, h, i / 2), dev)?,
-                Some(WeightQuant::Mxfp4 {
+                Some(PackedWeights::Mxfp4 {
                     scales: Tensor::from_vec(s2, (e, h, i / MX_GROUP), dev)?,
                 }),
             ),

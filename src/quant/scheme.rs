@@ -2,8 +2,9 @@
 //! (`quantization_config`), or an on-load choice, turned into the experts'
 //! [`QuantMethod`] and the treatment of the other linears.
 
-use super::{Fp8, Fp8Strategy, Mxfp4, QuantMethod};
+use super::{Fp8, Mxfp4, QuantMethod};
 use crate::error::{MoeError, Result};
+use crate::format::Fp8Strategy;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -13,117 +13,23 @@
 //! byte is read once; larger segments decode a 16-column strip into the f32
 //! panel of the dense packed kernel and reuse its 6×16 FMA tile.
 
-use super::gemm_cpu::{has_avx2, KC, MR, NR, SKINNY_MAX_ROWS};
-use crate::quant::fp8_codec::E4M3_LUT;
-use crate::quant::mxfp4_codec::{e2m1_to_f32, MX_GROUP};
+#[cfg(target_arch = "x86_64")]
+mod skinny;
+
+use super::{has_avx2, KC, MR, NR, SKINNY_MAX_ROWS};
+use crate::format::mxfp4::{e2m1_to_f32, MX_GROUP};
+use crate::format::PackedMat;
 use std::sync::LazyLock;
 
 /// `2^(e − 128)`: the e8m0 scale halved, because the decoder yields 2·e2m1.
 static MX_HALF_SCALE: LazyLock<[f32; 256]> =
     LazyLock::new(|| std::array::from_fn(|e| 2f32.powi(e as i32 - 128)));
 
-/// One expert's quantized weight matrix `[n, k]`.
-#[derive(Clone, Copy, Debug)]
-pub enum QMat<'a> {
-    /// e4m3 bytes `[n, k]`; scales `[ceil(n/bn), ceil(k/bk)]`.
-    Fp8 {
-        q: &'a [u8],
-        scales: &'a [f32],
-        k: usize,
-        bn: usize,
-        bk: usize,
-    },
-    /// Packed e2m1 `[n, k/2]`; e8m0 scales `[n, k/32]`.
-    Mxfp4 {
-        q: &'a [u8],
-        scales: &'a [u8],
-        k: usize,
-    },
-}
-
-impl QMat<'_> {
-    pub fn k(&self) -> usize {
-        match *self {
-            Self::Fp8 { k, .. } | Self::Mxfp4 { k, .. } => k,
-        }
-    }
-
-    /// Bytes of one weight row (scales excluded).
-    pub fn row_bytes(&self) -> usize {
-        match *self {
-            Self::Fp8 { k, .. } => k,
-            Self::Mxfp4 { k, .. } => k / 2,
-        }
-    }
-
-    /// Portable decode of `out.len()` values of row `n` from column `k0`.
-    fn decode_scalar(&self, n: usize, k0: usize, out: &mut [f32]) {
-        match *self {
-            Self::Fp8 {
-                q,
-                scales,
-                k,
-                bn,
-                bk,
-            } => {
-                let kb = k.div_ceil(bk);
-                for (j, o) in out.iter_mut().enumerate() {
-                    let c = k0 + j;
-                    *o = E4M3_LUT[q[n * k + c] as usize] * scales[(n / bn) * kb + c / bk];
-                }
-            }
-            Self::Mxfp4 { q, scales, k } => {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let c = k0 + j;
-                    let b = q[(n * k + c) / 2];
-                    let nib = if c.is_multiple_of(2) { b & 0xf } else { b >> 4 };
-                    let s = MX_HALF_SCALE[scales[(n * k + c) / MX_GROUP] as usize] * 2.0;
-                    *o = e2m1_to_f32(nib) * s;
-                }
-            }
-        }
-    }
-}
-
-/// Checks that `m` can run through these kernels; returns a reason if not.
-pub fn check_qmat(m: &QMat<'_>, n: usize) -> Result<(), String> {
-    match *m {
-        QMat::Fp8 {
-            q,
-            scales,
-            k,
-            bn,
-            bk,
-        } => {
-            if bn == 0 || bk == 0 {
-                return Err("fp8 block size must be positive".into());
-            }
-            if bk < k && !bk.is_multiple_of(16) {
-                return Err(format!(
-                    "fp8 block size along K ({bk}) must be a multiple of 16 or cover K ({k})"
-                ));
-            }
-            if q.len() < n * k || scales.len() < n.div_ceil(bn) * k.div_ceil(bk) {
-                return Err("fp8 weights or scales too short".into());
-            }
-        }
-        QMat::Mxfp4 { q, scales, k } => {
-            if !k.is_multiple_of(MX_GROUP) {
-                return Err(format!("mxfp4 needs K ({k}) to be a multiple of 32"));
-            }
-            if q.len() < n * k / 2 || scales.len() < n * k / MX_GROUP {
-                return Err("mxfp4 weights or scales too short".into());
-            }
-        }
-    }
-    Ok(())
-}
-
 /// One tile: activation rows `a` (each K long) times `dequant(w)[n0..n1]ᵀ`,
 /// written to `c[i] + (0..n1-n0)`.
 pub struct QTile<'a> {
     pub a: &'a [*const f32],
-    pub w: QMat<'a>,
+    pub w: PackedMat<'a>,
     pub n0: usize,
     pub n1: usize,
     pub c: &'a [*mut f32],
@@ -132,7 +38,7 @@ pub struct QTile<'a> {
 /// Computes the tile (overwriting `c`).
 ///
 /// # Safety
-/// As [`super::gemm_cpu::gemm_tile`]; `w` must have passed [`check_qmat`]
+/// As [`super::gemm_tile`]; `w` must have passed [`PackedMat::check`]
 /// for at least `n1` rows.
 pub unsafe fn qgemm_tile(t: &QTile<'_>) {
     qgemm_tile_with(t, Isa::detect())
@@ -215,7 +121,7 @@ mod avx512;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::fp8_codec::e4m3_to_f32;
+    use crate::format::fp8::e4m3_to_f32;
 
     struct Lcg(u64);
     impl Lcg {
@@ -245,13 +151,13 @@ mod tests {
         v
     }
 
-    fn check(w: QMat<'_>, n: usize, deq: &dyn Fn(usize, usize) -> f32) {
+    fn check(w: PackedMat<'_>, n: usize, deq: &dyn Fn(usize, usize) -> f32) {
         for isa in isas() {
             check_isa(w, n, deq, isa);
         }
     }
 
-    fn check_isa(w: QMat<'_>, n: usize, deq: &dyn Fn(usize, usize) -> f32, isa: Isa) {
+    fn check_isa(w: PackedMat<'_>, n: usize, deq: &dyn Fn(usize, usize) -> f32, isa: Isa) {
         let k = w.k();
         let mut rng = Lcg(7);
         for m in [1usize, 2, 3, 5, 13] {
@@ -280,7 +186,7 @@ mod tests {
                     let got = c[r * n + j];
                     // f32 paths: rounding of the sum; the bf16 dot product
                     // keeps ~16 bits of each activation (high part + residual)
-                    let rel = if isa == Isa::Avx512Bf16 && matches!(w, QMat::Mxfp4 { .. }) {
+                    let rel = if isa == Isa::Avx512Bf16 && matches!(w, PackedMat::Mxfp4 { .. }) {
                         3e-5
                     } else {
                         1e-6
@@ -318,14 +224,14 @@ mod tests {
             let scales: Vec<f32> = (0..n.div_ceil(bn) * kb)
                 .map(|_| 0.001 + rng.f().abs() * 0.01)
                 .collect();
-            let w = QMat::Fp8 {
+            let w = PackedMat::Fp8 {
                 q: &q,
                 scales: &scales,
                 k,
                 bn,
                 bk,
             };
-            check_qmat(&w, n).unwrap();
+            w.check(n).unwrap();
             check(w, n, &|r, c| {
                 e4m3_to_f32(q[r * k + c]) * scales[(r / bn) * kb + c / bk]
             });
@@ -340,16 +246,16 @@ mod tests {
             let scales: Vec<u8> = (0..n * k / 32)
                 .map(|_| 120 + (rng.next() % 10) as u8)
                 .collect();
-            let w = QMat::Mxfp4 {
+            let w = PackedMat::Mxfp4 {
                 q: &q,
                 scales: &scales,
                 k,
             };
-            check_qmat(&w, n).unwrap();
+            w.check(n).unwrap();
             check(w, n, &|r, c| {
                 let b = q[(r * k + c) / 2];
                 let nib = if c % 2 == 0 { b & 0xf } else { b >> 4 };
-                e2m1_to_f32(nib) * crate::quant::mxfp4_codec::e8m0_to_f32(scales[(r * k + c) / 32])
+                e2m1_to_f32(nib) * crate::format::mxfp4::e8m0_to_f32(scales[(r * k + c) / 32])
             });
         }
     }

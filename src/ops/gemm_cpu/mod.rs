@@ -12,6 +12,12 @@
 //!
 //! AVX2+FMA+F16C is detected at run time; other CPUs use portable loops.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16_avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16_packed;
+pub(crate) mod quant;
+
 use half::{bf16, f16};
 
 /// A weight element the kernels can widen to f32.
@@ -112,8 +118,8 @@ impl WeightElem for bf16 {
     const PERMUTED16: bool = true;
     #[cfg(target_arch = "x86_64")]
     unsafe fn skinny_special(t: &Tile<'_, Self>) -> bool {
-        if super::gemm_bf16_avx512::available() {
-            super::gemm_bf16_avx512::skinny(t);
+        if bf16_avx512::available() {
+            bf16_avx512::skinny(t);
             return true;
         }
         false

@@ -9,7 +9,7 @@
 //! Used by the dense linear op when its input is bf16 (bf16 compute), so no
 //! activation is rounded that was not bf16 already.
 
-use super::gemm_bf16_avx512::mask16;
+use super::bf16_avx512::mask16;
 use half::bf16;
 use std::arch::x86_64::*;
 
@@ -151,7 +151,7 @@ unsafe fn tile<const M: usize>(
 /// # Safety
 /// Every `a` pointer addresses `k` readable bf16 (`k` even), every `c`
 /// pointer `n1 - n0` writable f32 no other thread touches, `w` holds rows
-/// `n0..n1` of `[n, k]`, and [`super::gemm_bf16_avx512::available`] is true.
+/// `n0..n1` of `[n, k]`, and [`super::bf16_avx512::available`] is true.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn gemm(
     a: &[*const bf16],
@@ -193,7 +193,7 @@ mod tests {
 
     #[test]
     fn matches_reference() {
-        if !super::super::gemm_bf16_avx512::available() {
+        if !super::super::bf16_avx512::available() {
             eprintln!("no AVX-512 BF16: skipped");
             return;
         }
@@ -234,7 +234,7 @@ mod tests {
 mod transpose_tests {
     #[test]
     fn transpose16_is_a_transpose() {
-        if !super::super::gemm_bf16_avx512::available() {
+        if !super::super::bf16_avx512::available() {
             return;
         }
         use std::arch::x86_64::*;

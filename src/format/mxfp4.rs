@@ -6,9 +6,9 @@
 //! ≥ 1.75), the scale exponent is that power minus 2 (6 = 1.5·2²), and the
 //! elements are rounded to nearest e2m1 with ties to even, saturating at ±6.
 
-/// e2m1 magnitudes by 3-bit code.
 use super::float_rows::FloatRows;
 
+/// e2m1 magnitudes by 3-bit code.
 pub const E2M1_VALUES: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 pub const MX_GROUP: usize = 32;
 

@@ -5,7 +5,7 @@
 //! products keep ~16 bits of an f32 activation; activations that are bf16
 //! already (bf16 compute) have no residual and take one instruction.
 
-use super::gemm_cpu::Tile;
+use super::Tile;
 use half::bf16;
 use std::arch::x86_64::*;
 
@@ -159,7 +159,7 @@ unsafe fn rows_m<const M: usize, const NW: usize, const RES: bool>(
 /// Computes a tile of 1–3 rows (overwriting `c`).
 ///
 /// # Safety
-/// As [`super::gemm_cpu::gemm_tile`]; [`available`] must be true.
+/// As [`super::gemm_tile`]; [`available`] must be true.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn skinny(t: &Tile<'_, bf16>) {
     let split: Vec<(SplitRow, bool)> = t.a.iter().map(|&a| split_row(a, t.k)).collect();
@@ -178,7 +178,7 @@ pub(crate) unsafe fn skinny(t: &Tile<'_, bf16>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm_cpu::{gemm_tile_avx2, Tile};
+    use super::super::{gemm_tile_avx2, Tile};
     use half::bf16;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {

@@ -6,13 +6,17 @@
 //! over (segment × N tile) so each weight tile is read once per step and no
 //! weight is ever copied per routed row. Activations and the result are f32.
 
+mod cuda;
+
+pub use cuda::CudaGemmKernel;
+
 use super::align::{AlignLayout, AlignedRouting, NON_LOCAL_EXPERT};
+use super::gemm_cpu::quant::{qgemm_tile, QTile};
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
-use super::gemm_cuda::CudaGemmKernel;
-use super::gemm_quant_cpu::{check_qmat, qgemm_tile, QMat, QTile};
 use super::{contiguous, SendPtr};
-use crate::quant::fp8_codec::fake_quant_fp8_groups;
-use crate::quant::mxfp4_codec::MX_GROUP;
+use crate::format::fp8::fake_quant_fp8_groups;
+use crate::format::mxfp4::MX_GROUP;
+use crate::format::{PackedMat, PackedWeights};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
@@ -36,48 +40,19 @@ pub struct GroupedGemmArgs {
     pub topk_weights: Option<Tensor>,
     /// Set when `w` holds quantized weights (read packed, never dequantized
     /// as a whole).
-    pub quant: Option<WeightQuant>,
+    pub quant: Option<PackedWeights>,
     /// Quantize the activations to FP8 e4m3 per token per group of this many
     /// columns first (dynamic W8A8, as [`super::fp8_group_quant_dequant`]).
     /// The FP8 tensor-core kernel multiplies them as e4m3.
     pub act_quant_group: Option<usize>,
-    /// The CUDA kernel to run (see [`CudaGemmKernel`]); ignored on the CPU.
-    pub kernel: CudaGemmKernel,
-}
-
-/// The format of quantized expert weights and their scales.
-#[derive(Clone, Debug)]
-pub enum WeightQuant {
-    /// `w`: e4m3 bytes (U8 or F8E4M3) `[E, N, K]`; `scales`: F32
-    /// `[E, ceil(N/bn), ceil(K/bk)]` with `block = (bn, bk)`.
-    Fp8 {
-        scales: Tensor,
-        block: (usize, usize),
-    },
-    /// `w`: U8 `[E, N, K/2]` (two e2m1 per byte, low nibble first);
-    /// `scales`: U8 e8m0 `[E, N, K/32]`.
-    Mxfp4 { scales: Tensor },
-}
-
-impl WeightQuant {
-    pub fn scales(&self) -> &Tensor {
-        match self {
-            Self::Fp8 { scales, .. } | Self::Mxfp4 { scales } => scales,
-        }
-    }
-    /// K of a weight tensor whose last dimension is `kw`.
-    pub fn k_of(&self, kw: usize) -> usize {
-        match self {
-            Self::Fp8 { .. } => kw,
-            Self::Mxfp4 { .. } => 2 * kw,
-        }
-    }
 }
 
 #[derive(Clone, Debug)]
 struct GroupedGemm {
     layout: AlignLayout,
     args: GroupedGemmArgs,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kernel: CudaGemmKernel,
 }
 
 /// A run of sorted rows that share one expert.
@@ -303,7 +278,7 @@ impl GroupedGemm {
                 // SAFETY: see run_tiles; `a16` mirrors `a` row for row, rows
                 // are k bf16 with k even and the CPU has AVX-512 BF16 (both
                 // checked by the caller).
-                unsafe { super::gemm_bf16_packed::gemm(&ap16, ew, (n, k), (n0, n1), cp) }
+                unsafe { super::gemm_cpu::bf16_packed::gemm(&ap16, ew, (n, k), (n0, n1), cp) }
             } else {
                 // SAFETY: as in `run`.
                 unsafe {
@@ -339,7 +314,7 @@ impl GroupedGemm {
         let mats = quant_mats(quant, sc, st.1, w, e_local, n, k)?;
         let row_bytes = mats.first().map_or(k, |m| m.row_bytes());
         self.run_tiles(a, k, n, e_local, row_bytes, buf, &|e, ap, n0, n1, cp| {
-            // SAFETY: see run_tiles; every expert matrix passed check_qmat
+            // SAFETY: see run_tiles; every expert matrix passed PackedMat::check
             // (same shapes as the first).
             unsafe {
                 qgemm_tile(&QTile {
@@ -370,18 +345,18 @@ pub(crate) fn packed_bytes<'a>(sw: &'a CpuStorage, lw: &Layout) -> Result<&'a [u
     })
 }
 
-/// One checked [`QMat`] per expert of packed weights `w` (`e_local` × `[n, k]`).
+/// One checked [`PackedMat`] per expert of packed weights `w` (`e_local` × `[n, k]`).
 pub(crate) fn quant_mats<'a>(
-    quant: &WeightQuant,
+    quant: &PackedWeights,
     sc: &'a CpuStorage,
     sl: &Layout,
     w: &'a [u8],
     e_local: usize,
     n: usize,
     k: usize,
-) -> Result<Vec<QMat<'a>>> {
-    let mats: Vec<QMat<'a>> = match quant {
-        WeightQuant::Fp8 { block, .. } => {
+) -> Result<Vec<PackedMat<'a>>> {
+    let mats: Vec<PackedMat<'a>> = match quant {
+        PackedWeights::Fp8 { block, .. } => {
             let (bn, bk) = *block;
             let scales = contiguous::<f32>(sc, sl, "fp8 weight scales")?;
             let per = n.div_ceil(bn.max(1)) * k.div_ceil(bk.max(1));
@@ -393,7 +368,7 @@ pub(crate) fn quant_mats<'a>(
                 )
             }
             (0..e_local)
-                .map(|e| QMat::Fp8 {
+                .map(|e| PackedMat::Fp8 {
                     q: &w[e * n * k..(e + 1) * n * k],
                     scales: &scales[e * per..(e + 1) * per],
                     k,
@@ -402,7 +377,7 @@ pub(crate) fn quant_mats<'a>(
                 })
                 .collect()
         }
-        WeightQuant::Mxfp4 { .. } => {
+        PackedWeights::Mxfp4 { .. } => {
             let scales = contiguous::<u8>(sc, sl, "mxfp4 weight scales")?;
             let (pw, ps) = (n * k / 2, n * k / MX_GROUP);
             if scales.len() != e_local * ps || w.len() != e_local * pw {
@@ -413,7 +388,7 @@ pub(crate) fn quant_mats<'a>(
                 )
             }
             (0..e_local)
-                .map(|e| QMat::Mxfp4 {
+                .map(|e| PackedMat::Mxfp4 {
                     q: &w[e * pw..(e + 1) * pw],
                     scales: &scales[e * ps..(e + 1) * ps],
                     k,
@@ -422,7 +397,8 @@ pub(crate) fn quant_mats<'a>(
         }
     };
     if let Some(m) = mats.first() {
-        check_qmat(m, n).map_err(|e| candle_core::Error::Msg(format!("quantized gemm: {e}")))?;
+        m.check(n)
+            .map_err(|e| candle_core::Error::Msg(format!("quantized gemm: {e}")))?;
     }
     Ok(mats)
 }
@@ -472,7 +448,7 @@ impl CustomOp3 for GroupedGemm {
             && sw.dtype() == DType::BF16
             && self.args.act_quant_group.is_none()
             && k % 2 == 0
-            && super::gemm_bf16_avx512::available()
+            && super::gemm_cpu::bf16_avx512::available()
         {
             let a16 = contiguous::<bf16>(sa, la, "activations")?;
             let w = contiguous::<bf16>(sw, lw, "weights")?;
@@ -517,9 +493,10 @@ impl CustomOp3 for GroupedGemm {
                 self.args.row_div
             )
         }
-        let (out, _kernel) = super::gemm_cuda::run(
+        let (out, _kernel) = cuda::run(
             &self.layout,
             &self.args,
+            self.kernel,
             (sa, la),
             (sw, lw),
             (sr, lr),
@@ -540,9 +517,26 @@ pub fn grouped_gemm(
     routing: &AlignedRouting,
     args: GroupedGemmArgs,
 ) -> Result<Tensor> {
+    grouped_gemm_with_kernel(a, w, routing, args, CudaGemmKernel::Auto)
+}
+
+/// [`grouped_gemm`] on one chosen CUDA kernel (tests and benchmarks of the
+/// kernels); an error when it cannot run the problem, or when a kernel other
+/// than `Auto` is asked of CPU tensors.
+pub fn grouped_gemm_with_kernel(
+    a: &Tensor,
+    w: &Tensor,
+    routing: &AlignedRouting,
+    args: GroupedGemmArgs,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] kernel: CudaGemmKernel,
+) -> Result<Tensor> {
+    if kernel != CudaGemmKernel::Auto && !a.device().is_cuda() {
+        bail!("grouped gemm: the {kernel} kernel needs CUDA tensors")
+    }
     let op = GroupedGemm {
         layout: *routing.layout(),
         args,
+        kernel,
     };
     a.apply_op3_no_bwd(w, routing.buffer(), &op)
 }

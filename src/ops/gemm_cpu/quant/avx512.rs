@@ -4,7 +4,8 @@
 //! residual, so the products keep ~16 bits of the f32 activation); FP8 bytes
 //! widen through f16 32 at a time.
 
-use super::super::gemm_bf16_avx512::{split_row, SplitRow};
+use super::super::bf16_avx512::{split_row, SplitRow};
+use super::skinny::{for_row_blocks, fp8_block, Lanes};
 use super::*;
 use std::arch::x86_64::*;
 
@@ -88,127 +89,60 @@ unsafe fn fp8_dec32(p: *const u8) -> [__m512; 2] {
     ]
 }
 
-/// FP8: `NW` rows from `n` against `M` f32 activation rows.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn fp8_block<const M: usize, const NW: usize>(
-    a: &[*const f32],
-    q: &[u8],
-    scales: &[f32],
-    k: usize,
-    bn: usize,
-    bk: usize,
-    n: usize,
-    out: &mut [[f32; NW]; M],
-) {
-    let kb = k.div_ceil(bk);
-    let mut acc = [[_mm512_setzero_ps(); NW]; M];
-    let mut tail = [[0f32; NW]; M];
-    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k));
-    // each row's scale row, found once (no division in the K loop)
-    let sp: [*const f32; NW] = std::array::from_fn(|j| scales.as_ptr().add(((n + j) / bn) * kb));
-    let mut k0 = 0;
-    let mut blk = 0;
-    while k0 < k {
-        let k1 = (k0 + bk).min(k);
-        let mut g = [[_mm512_setzero_ps(); NW]; M];
-        let mut kk = k0;
-        while kk + 32 <= k1 {
-            if kk.is_multiple_of(64) {
-                for p in wp {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(kk + AHEAD_ROWS * k) as *const i8);
-                }
-            }
-            let wv: [[__m512; 2]; NW] = std::array::from_fn(|j| fp8_dec32(wp[j].add(kk)));
-            for m in 0..M {
-                let a0 = _mm512_loadu_ps(a[m].add(kk));
-                let a1 = _mm512_loadu_ps(a[m].add(kk + 16));
-                for j in 0..NW {
-                    g[m][j] = _mm512_fmadd_ps(wv[j][0], a0, g[m][j]);
-                    g[m][j] = _mm512_fmadd_ps(wv[j][1], a1, g[m][j]);
-                }
-            }
-            kk += 32;
-        }
-        for j in 0..NW {
-            let s = *sp[j].add(blk);
-            let sv = _mm512_set1_ps(s * 256.0);
-            for m in 0..M {
-                acc[m][j] = _mm512_fmadd_ps(g[m][j], sv, acc[m][j]);
-                let mut t = 0f32;
-                for c in kk..k1 {
-                    t += *a[m].add(c) * E4M3_LUT[*wp[j].add(c) as usize];
-                }
-                tail[m][j] += t * s;
-            }
-        }
-        k0 = k1;
-        blk += 1;
+impl Lanes for __m512 {
+    const WIDTH: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm512_setzero_ps()
     }
-    for m in 0..M {
-        for j in 0..NW {
-            out[m][j] = _mm512_reduce_add_ps(acc[m][j]) + tail[m][j];
-        }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        _mm512_reduce_add_ps(self)
+    }
+    #[inline(always)]
+    unsafe fn fp8_decode(p: *const u8) -> [Self; 2] {
+        fp8_dec32(p)
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
     let split: Vec<SplitRow> = match t.w {
-        QMat::Mxfp4 { k, .. } => t.a.iter().map(|&a| split_row(a, k).0).collect(),
-        QMat::Fp8 { .. } => vec![],
+        PackedMat::Mxfp4 { k, .. } => t.a.iter().map(|&a| split_row(a, k).0).collect(),
+        PackedMat::Fp8 { .. } => vec![],
     };
-    let block = |n: usize, out: &mut [[f32; NW]; M]| match t.w {
-        QMat::Fp8 {
+    match t.w {
+        PackedMat::Fp8 {
             q,
             scales,
             k,
             bn,
             bk,
-        } => fp8_block::<M, NW>(t.a, q, scales, k, bn, bk, n, out),
-        QMat::Mxfp4 { q, scales, k } => mx_block::<M, NW>(&split, q, scales, k, n, out),
-    };
-    let mut n = t.n0;
-    while n + NW <= t.n1 {
-        let mut out = [[0f32; NW]; M];
-        block(n, &mut out);
-        for (c, o) in t.c.iter().zip(&out) {
-            for (j, v) in o.iter().enumerate() {
-                *c.add(n - t.n0 + j) = *v;
-            }
+        } => {
+            let (w, shape) = ((q, scales), (k, bn, bk));
+            for_row_blocks::<M, NW>(
+                t,
+                |n, out| fp8_block::<__m512, M, NW>(t.a, w, shape, n, AHEAD_ROWS, out),
+                |n, out| fp8_block::<__m512, M, 1>(t.a, w, shape, n, AHEAD_ROWS, out),
+            )
         }
-        n += NW;
-    }
-    // the last rows one at a time
-    while n < t.n1 {
-        let mut out = [[0f32; NW]; M];
-        match t.w {
-            QMat::Fp8 {
-                q,
-                scales,
-                k,
-                bn,
-                bk,
-            } => {
-                let mut o1 = [[0f32; 1]; M];
-                fp8_block::<M, 1>(t.a, q, scales, k, bn, bk, n, &mut o1);
-                for m in 0..M {
-                    out[m][0] = o1[m][0];
-                }
-            }
-            QMat::Mxfp4 { q, scales, k } => {
-                let mut o1 = [[0f32; 1]; M];
-                mx_block::<M, 1>(&split, q, scales, k, n, &mut o1);
-                for m in 0..M {
-                    out[m][0] = o1[m][0];
-                }
-            }
-        }
-        for (c, o) in t.c.iter().zip(&out) {
-            *c.add(n - t.n0) = o[0];
-        }
-        n += 1;
+        PackedMat::Mxfp4 { q, scales, k } => for_row_blocks::<M, NW>(
+            t,
+            |n, out| mx_block::<M, NW>(&split, q, scales, k, n, out),
+            |n, out| mx_block::<M, 1>(&split, q, scales, k, n, out),
+        ),
     }
 }
 
@@ -217,7 +151,7 @@ pub(super) unsafe fn skinny(t: &QTile<'_>) {
     // rows per block sized so accumulators and decoded weights stay in
     // the 32 zmm registers (FP8 keeps two sums and two decoded vectors
     // per row, MXFP4 two sums)
-    let mx = matches!(t.w, QMat::Mxfp4 { .. });
+    let mx = matches!(t.w, PackedMat::Mxfp4 { .. });
     match (t.a.len(), mx) {
         (0, _) => {}
         (1, true) => skinny_m::<1, 8>(t),

@@ -1,6 +1,7 @@
 //! AVX2 + FMA + F16C kernels of the quantized GEMM.
 
-use super::super::gemm_cpu::avx2::{hsum, kernel_6x16, transpose8};
+use super::super::avx2::{hsum, kernel_6x16, transpose8};
+use super::skinny::{for_row_blocks, fp8_block, Lanes};
 use super::*;
 use std::arch::x86_64::*;
 
@@ -44,68 +45,31 @@ unsafe fn mx_dec32(p: *const u8) -> [__m256; 4] {
     ]
 }
 
-/// FP8: dot products of `NW` rows from `n` with `M` activation rows.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn fp8_block<const M: usize, const NW: usize>(
-    a: &[*const f32],
-    q: &[u8],
-    scales: &[f32],
-    k: usize,
-    bn: usize,
-    bk: usize,
-    n: usize,
-    out: &mut [[f32; NW]; M],
-) {
-    let kb = k.div_ceil(bk);
-    let mut acc = [[_mm256_setzero_ps(); NW]; M];
-    let mut tail = [[0f32; NW]; M];
-    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k));
-    // each row's scale row, found once (no division in the K loop)
-    let sp: [*const f32; NW] = std::array::from_fn(|j| scales.as_ptr().add(((n + j) / bn) * kb));
-    let mut k0 = 0;
-    let mut blk = 0;
-    while k0 < k {
-        let k1 = (k0 + bk).min(k);
-        let s: [f32; NW] = std::array::from_fn(|j| *sp[j].add(blk));
-        let mut g = [[_mm256_setzero_ps(); NW]; M];
-        let mut kk = k0;
-        while kk + 16 <= k1 {
-            if kk % 64 == 0 {
-                for p in wp {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(kk + AHEAD_ROWS * k) as *const i8);
-                }
-            }
-            let wv: [[__m256; 2]; NW] = std::array::from_fn(|j| fp8_dec16(wp[j].add(kk)));
-            for m in 0..M {
-                let a0 = _mm256_loadu_ps(a[m].add(kk));
-                let a1 = _mm256_loadu_ps(a[m].add(kk + 8));
-                for j in 0..NW {
-                    g[m][j] = _mm256_fmadd_ps(wv[j][0], a0, g[m][j]);
-                    g[m][j] = _mm256_fmadd_ps(wv[j][1], a1, g[m][j]);
-                }
-            }
-            kk += 16;
-        }
-        for j in 0..NW {
-            let sv = _mm256_set1_ps(s[j] * 256.0);
-            for m in 0..M {
-                acc[m][j] = _mm256_fmadd_ps(g[m][j], sv, acc[m][j]);
-                let mut t = 0f32;
-                for c in kk..k1 {
-                    t += *a[m].add(c) * E4M3_LUT[*wp[j].add(c) as usize];
-                }
-                tail[m][j] += t * s[j];
-            }
-        }
-        k0 = k1;
-        blk += 1;
+impl Lanes for __m256 {
+    const WIDTH: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm256_setzero_ps()
     }
-    for m in 0..M {
-        for j in 0..NW {
-            out[m][j] = hsum(acc[m][j]) + tail[m][j];
-        }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        _mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn sum(self) -> f32 {
+        hsum(self)
+    }
+    #[inline(always)]
+    unsafe fn fp8_decode(p: *const u8) -> [Self; 2] {
+        fp8_dec16(p)
     }
 }
 
@@ -159,38 +123,24 @@ unsafe fn block<const M: usize, const NW: usize>(
     out: &mut [[f32; NW]; M],
 ) {
     match t.w {
-        QMat::Fp8 {
+        PackedMat::Fp8 {
             q,
             scales,
             k,
             bn,
             bk,
-        } => fp8_block::<M, NW>(t.a, q, scales, k, bn, bk, n, out),
-        QMat::Mxfp4 { q, scales, k } => mx_block::<M, NW>(t.a, q, scales, k, n, out),
+        } => fp8_block::<__m256, M, NW>(t.a, (q, scales), (k, bn, bk), n, AHEAD_ROWS, out),
+        PackedMat::Mxfp4 { q, scales, k } => mx_block::<M, NW>(t.a, q, scales, k, n, out),
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
-    let mut n = t.n0;
-    while n + NW <= t.n1 {
-        let mut out = [[0f32; NW]; M];
-        block::<M, NW>(t, n, &mut out);
-        for (c, o) in t.c.iter().zip(&out) {
-            for (j, v) in o.iter().enumerate() {
-                *c.add(n - t.n0 + j) = *v;
-            }
-        }
-        n += NW;
-    }
-    while n < t.n1 {
-        let mut out = [[0f32; 1]; M];
-        block::<M, 1>(t, n, &mut out);
-        for (c, o) in t.c.iter().zip(&out) {
-            *c.add(n - t.n0) = o[0];
-        }
-        n += 1;
-    }
+    for_row_blocks::<M, NW>(
+        t,
+        |n, out| block::<M, NW>(t, n, out),
+        |n, out| block::<M, 1>(t, n, out),
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -206,11 +156,11 @@ pub(super) unsafe fn skinny(t: &QTile<'_>) {
 /// Decodes `out.len()` values of row `n` from column `k0` (a multiple of
 /// 32 for mxfp4, of 16 for fp8 blocks).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_row(w: &QMat<'_>, n: usize, k0: usize, out: &mut [f32]) {
+unsafe fn decode_row(w: &PackedMat<'_>, n: usize, k0: usize, out: &mut [f32]) {
     let len = out.len();
     let o = out.as_mut_ptr();
     match *w {
-        QMat::Fp8 {
+        PackedMat::Fp8 {
             q,
             scales,
             k,
@@ -230,7 +180,7 @@ unsafe fn decode_row(w: &QMat<'_>, n: usize, k0: usize, out: &mut [f32]) {
             }
             w.decode_scalar(n, k0 + j, &mut out[j..]);
         }
-        QMat::Mxfp4 { q, scales, k } => {
+        PackedMat::Mxfp4 { q, scales, k } => {
             let half = &*MX_HALF_SCALE;
             let mut j = 0;
             while j + 32 <= len {
@@ -252,7 +202,7 @@ unsafe fn decode_row(w: &QMat<'_>, n: usize, k0: usize, out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_strip(
-    w: &QMat<'_>,
+    w: &PackedMat<'_>,
     s: usize,
     ns: usize,
     k0: usize,
