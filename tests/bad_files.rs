@@ -295,12 +295,12 @@ fn config_errors_name_the_key() {
     let cases: Vec<(&str, Value, &str)> = vec![
         (
             "rope_scaling",
-            json!({"type": "yarn", "factor": 4.0}),
+            json!({"type": "dynamic", "factor": 4.0}),
             "rope_scaling",
         ),
         (
             "rope_parameters",
-            json!({"rope_theta": 1e4, "rope_type": "linear"}),
+            json!({"rope_theta": 1e4, "rope_type": "longrope"}),
             "rope_type",
         ),
         ("use_sliding_window", json!(true), "use_sliding_window"),

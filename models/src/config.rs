@@ -4,6 +4,7 @@
 //! is an error naming it.
 
 use crate::error::{ModelError, Result};
+use crate::rope::RopeScaling;
 use serde_json::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub struct QwenMoeConfig {
     pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub rope_theta: f64,
+    /// `rope_scaling` / `rope_parameters` (linear, yarn).
+    pub rope_scaling: RopeScaling,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
@@ -120,22 +123,6 @@ pub(crate) fn token_ids(v: &Value, key: &str) -> Result<Vec<u32>> {
 /// Keys whose meaning this loader does not implement: their presence with a
 /// non-default value is an error naming the key, never silently ignored.
 fn reject_unsupported(v: &Value) -> Result<()> {
-    for key in ["rope_parameters", "rope_scaling"] {
-        let Some(r) = v.get(key).filter(|r| !r.is_null()) else {
-            continue;
-        };
-        let t = r.get("rope_type").or_else(|| r.get("type"));
-        match t {
-            Some(Value::String(t)) if t == "default" => {}
-            // 5.x rope_parameters without a type: the default
-            None if key == "rope_parameters" => {}
-            _ => {
-                return Err(ModelError::Config(format!(
-                    "`{key}` = {r}: only the default RoPE is supported (linear / dynamic / yarn scaling are not yet)"
-                )))
-            }
-        }
-    }
     if opt_bool(v, "use_sliding_window")? == Some(true) {
         return Err(ModelError::Config(
             "`use_sliding_window` = true is not supported: attention here is full".into(),
@@ -168,6 +155,7 @@ impl QwenMoeConfig {
             }
         };
         reject_unsupported(v)?;
+        let max_position_embeddings = opt_usize(v, "max_position_embeddings")?.unwrap_or(32768);
         let hidden_size = req_usize(v, "hidden_size")?;
         let num_attention_heads = req_usize(v, "num_attention_heads")?;
         if num_attention_heads == 0 {
@@ -230,8 +218,9 @@ impl QwenMoeConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            max_position_embeddings: opt_usize(v, "max_position_embeddings")?.unwrap_or(32768),
+            max_position_embeddings,
             rope_theta,
+            rope_scaling: RopeScaling::from_config(v, max_position_embeddings)?,
             rms_norm_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-6),
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
             attention_bias,

@@ -1,49 +1,14 @@
-//! Blocks shared by the Qwen-MoE decoders: rotary embedding and attention
-//! over the block KV cache (GQA, optional q/k/v bias, optional per-head q/k
+//! Blocks shared by the Qwen-MoE decoders: attention over the block KV cache (GQA, optional q/k/v bias, optional per-head q/k
 //! RMSNorm); the dense MLP is `candle_moe::GatedMlp`.
 
 use crate::config::QwenMoeConfig;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_moe::ops::{paged_attention, write_kv, PagedAttentionMeta};
 use candle_moe::quant::{qlinear, QLinear, QuantScheme};
 use candle_nn::{rms_norm, RmsNorm, VarBuilder};
 
-/// cos / sin tables of the non-interleaved ("rotate half") RoPE.
-#[derive(Clone, Debug)]
-pub struct RotaryEmbedding {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl RotaryEmbedding {
-    pub fn new(cfg: &QwenMoeConfig, dtype: DType, dev: &Device) -> Result<Self> {
-        let d = cfg.head_dim;
-        let inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / d as f32))
-            .collect();
-        let n = cfg.max_position_embeddings;
-        let inv = Tensor::from_vec(inv, (1, d / 2), dev)?;
-        let pos = Tensor::arange(0u32, n as u32, dev)?
-            .to_dtype(DType::F32)?
-            .reshape((n, 1))?;
-        let f = pos.matmul(&inv)?;
-        Ok(Self {
-            cos: f.cos()?.to_dtype(dtype)?,
-            sin: f.sin()?.to_dtype(dtype)?,
-        })
-    }
-
-    /// The (cos, sin) rows `[T, D/2]` of `positions` (`[T]` U32), gathered
-    /// once per forward for every layer.
-    pub fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.cos.index_select(positions, 0)?,
-            self.sin.index_select(positions, 0)?,
-        ))
-    }
-}
-
-/// Rotates `x` (`[T, heads, D]`) by the rows `cs` of [`RotaryEmbedding::at`].
+/// Rotates `x` (`[T, heads, D]`) by the rows `cs` of
+/// [`crate::rope::RotaryEmbedding::at`].
 fn rope(x: &Tensor, cs: &(Tensor, Tensor)) -> Result<Tensor> {
     candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cs.0, &cs.1)?.squeeze(0)
 }

@@ -28,6 +28,7 @@ pub mod layers;
 pub mod memory;
 pub mod model;
 pub mod qwen_moe;
+pub mod rope;
 pub mod safetensors_out;
 pub mod sampling;
 pub mod save_quantized;

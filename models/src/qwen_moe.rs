@@ -5,8 +5,9 @@
 use crate::config::{Arch, QwenMoeConfig};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvCacheShape};
-use crate::layers::{Attention, RotaryEmbedding};
+use crate::layers::Attention;
 use crate::model::{CausalLm, Logits, ModelInfo, SeqInput};
+use crate::rope::RotaryEmbedding;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_moe::dist::{Communicator, NaiveEpPrepareAndFinalize};
 use candle_moe::ops::{PagedAttentionMeta, SeqSpan};
@@ -261,7 +262,14 @@ impl QwenMoeForCausalLM {
             cfg: cfg.clone(),
             info,
             norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
-            rope: RotaryEmbedding::new(cfg, vb.dtype(), vb.device())?,
+            rope: RotaryEmbedding::new(
+                &cfg.rope_scaling,
+                cfg.rope_theta,
+                cfg.head_dim,
+                cfg.max_position_embeddings,
+                vb.dtype(),
+                vb.device(),
+            )?,
             embed_tokens,
             layers,
             lm_head,
