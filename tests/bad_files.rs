@@ -1,7 +1,8 @@
 //! Bad files, tried wholesale: thousands of seeded random mutations of a tiny
 //! checkpoint — config.json values, keys and types; the safetensors header
-//! JSON, offsets, dtype tags, lengths and truncation — each loaded and run
-//! (load, a 3-token prompt, one decode step). Every one must end in `Ok` or a
+//! JSON, offsets, dtype tags, lengths and truncation; tokenizer.json's model,
+//! pre-tokenizer, decoder and added tokens — each loaded and run (load, a
+//! 3-token prompt, one decode step; text encoded and decoded). Every one must end in `Ok` or a
 //! typed error naming what is wrong; a panic fails the test (it is not
 //! caught: the harness reports it with the mutation's seed).
 
@@ -329,5 +330,134 @@ fn config_errors_name_the_key() {
     std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
     let e = load_and_run(&dir).unwrap_err();
     assert!(e.contains("hidden_act"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A small tokenizer.json with the bundled Qwen tokenizer's structure (NFC,
+/// the Split regex + ByteLevel pre-tokenizer, byte-level BPE, added special
+/// tokens): its first 1000 tokens and the merges among them.
+fn small_tokenizer() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/tiny-qwen2-moe/tokenizer.json"
+    );
+    let mut t: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let keep = 1000u64;
+    let vocab: serde_json::Map<String, Value> = t["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, id)| id.as_u64().unwrap() < keep)
+        .map(|(k, id)| (k.clone(), id.clone()))
+        .collect();
+    let merges: Vec<Value> = t["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| {
+            let m = m.as_str().unwrap();
+            let (a, b) = m.split_once(' ').unwrap();
+            [a, b, &format!("{a}{b}")]
+                .iter()
+                .all(|p| vocab.contains_key(*p))
+        })
+        .cloned()
+        .collect();
+    assert!(merges.len() > 300, "{}", merges.len());
+    t["model"]["vocab"] = Value::Object(vocab);
+    t["model"]["merges"] = Value::Array(merges);
+    for (i, a) in t["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+    {
+        a["id"] = json!(keep + i as u64);
+    }
+    t
+}
+
+/// Loads a tokenizer and runs it both ways, as the engine and server do.
+fn tokenize(path: &Path) -> Result<(), String> {
+    use candle_moe_models::{HfTokenizer, TextCodec};
+    let t = HfTokenizer::from_file(path).map_err(|e| e.to_string())?;
+    for text in [
+        "Hello world, 12 apples!",
+        "<|im_start|>user\nhi<|im_end|>",
+        "",
+        "é 中 \u{0}",
+    ] {
+        let ids = t.encode(text).map_err(|e| e.to_string())?;
+        t.decode(&ids).map_err(|e| e.to_string())?;
+    }
+    t.decode(&[0, 999, 1000, 1001, 5000, u32::MAX])
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// tokenizer.json: values of every type in the model, pre-tokenizer,
+/// normalizer, decoder and added tokens; keys removed or added; text
+/// truncated or with flipped bytes.
+#[test]
+fn mutated_tokenizers_load_or_fail_cleanly() {
+    let dir = tmp_dir("tokenizer");
+    let path = dir.join("tokenizer.json");
+    let base = small_tokenizer();
+    std::fs::write(&path, base.to_string()).unwrap();
+    tokenize(&path).expect("the unmutated tokenizer runs");
+    let mut rng = Rng::new(7);
+    let mut outcomes = (0, 0);
+    // aim most JSON mutations below the top level, where the structure is
+    let parts = [
+        "model",
+        "pre_tokenizer",
+        "normalizer",
+        "decoder",
+        "added_tokens",
+        "post_processor",
+    ];
+    for i in 0..2000 {
+        let text = if i % 10 < 8 {
+            let mut t = base.clone();
+            for _ in 0..1 + rng.below(3) {
+                if rng.below(4) == 0 {
+                    mutate_json(&mut t, &mut rng);
+                } else {
+                    let part = parts[rng.below(parts.len())];
+                    if let (true, Some(model)) = (
+                        part == "model" && rng.below(2) == 0,
+                        t["model"].as_object_mut(),
+                    ) {
+                        // the model's own keys, not its 1000 vocabulary entries
+                        let keys: Vec<String> = model.keys().cloned().collect();
+                        let k = keys[rng.below(keys.len())].clone();
+                        model.insert(k, random_value(&mut rng));
+                    } else {
+                        mutate_json(&mut t[part], &mut rng);
+                    }
+                }
+            }
+            t.to_string()
+        } else {
+            let mut b = base.to_string().into_bytes();
+            if i % 2 == 0 {
+                b.truncate(rng.below(b.len()));
+            } else {
+                let p = rng.below(b.len());
+                b[p] ^= 1 << rng.below(8);
+            }
+            String::from_utf8_lossy(&b).into_owned()
+        };
+        std::fs::write(&path, &text).unwrap();
+        match tokenize(&path) {
+            Ok(()) => outcomes.0 += 1,
+            Err(e) => {
+                assert!(e.contains("tokenizer.json"), "error without the file: {e}");
+                outcomes.1 += 1
+            }
+        }
+    }
+    eprintln!("tokenizers: {} ran, {} were errors", outcomes.0, outcomes.1);
+    assert!(outcomes.0 > 100 && outcomes.1 > 300, "{outcomes:?}");
     std::fs::remove_dir_all(&dir).ok();
 }

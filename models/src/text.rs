@@ -18,8 +18,13 @@ pub struct HfTokenizer {
 
 impl HfTokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::file(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::file(path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::file(path, e))?;
+        check_bpe_merges(&json["model"]).map_err(|e| ModelError::file(path, e))?;
+        let inner = text
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| ModelError::file(path, e))?;
         Ok(Self {
             inner,
             path: path.display().to_string(),
@@ -37,6 +42,50 @@ impl HfTokenizer {
             msg: e.to_string(),
         }
     }
+}
+
+/// Every BPE merge `a b` must join two vocabulary tokens into a third, `b`
+/// starting with the continuing-subword prefix: the tokenizers crate
+/// assumes so while building the model and panics on a file that breaks it.
+fn check_bpe_merges(model: &serde_json::Value) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    let (Some(vocab), Some(merges)) = (
+        model.get("vocab").and_then(Value::as_object),
+        model.get("merges").and_then(Value::as_array),
+    ) else {
+        return Ok(()); // not BPE, or malformed: the parser says which
+    };
+    let prefix = match model.get("continuing_subword_prefix") {
+        Some(Value::String(p)) => p.as_str(),
+        _ => "",
+    };
+    for (i, m) in merges.iter().enumerate() {
+        let (a, b) = match m {
+            Value::String(s) => match s.split_once(' ') {
+                Some(p) => p,
+                None => continue,
+            },
+            Value::Array(p) => match (
+                p.first().and_then(Value::as_str),
+                p.get(1).and_then(Value::as_str),
+            ) {
+                (Some(a), Some(b)) => (a, b),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        let Some(rest) = b.strip_prefix(prefix) else {
+            return Err(format!(
+                "model.merges[{i}]: `{b}` does not start with the continuing_subword_prefix `{prefix}`"
+            ));
+        };
+        for t in [a, b, &format!("{a}{rest}")] {
+            if !vocab.contains_key(t) {
+                return Err(format!("model.merges[{i}]: `{t}` is not in model.vocab"));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl TextCodec for HfTokenizer {
