@@ -33,13 +33,12 @@ pub(crate) const FP8_MMA: Ptx = Ptx {
     src: include_str!(concat!(env!("OUT_DIR"), "/moe_fp8_mma.ptx")),
 };
 
-/// `launch!(dev, "kernel", cfg, &arg1, &arg2, ...)` (a kernel of [`OPS`]) or
-/// `launch!(in MODULE; dev, "kernel", cfg, ...)`: every argument must live
-/// until the end of the enclosing statement block (bind values to locals).
-/// `launch!(in MODULE, sig SIG; ...)` also checks the arguments against the
-/// kernel's parameter kinds (`SIG`: `*` pointer, `i` int, as kernels/*.cu
-/// declares them; a test compares the two): their number at compile time,
-/// their kinds before the launch.
+/// `launch!(sig SIG; dev, "kernel", cfg, &arg1, &arg2, ...)` (a kernel of
+/// [`OPS`]) or `launch!(in MODULE, sig SIG; ...)`: checks the arguments
+/// against the kernel's parameter kinds `SIG` (from `ops::kernel_sigs`, which
+/// a test holds to kernels/*.cu) — their number at compile time, their kinds
+/// before the launch — and launches. Every argument must live until the end
+/// of the enclosing statement block (bind values to locals).
 macro_rules! launch {
     (in $m:expr, sig $sig:expr; $dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         const _: () = assert!($sig.len() == [$(stringify!($arg)),+].len());
@@ -64,8 +63,8 @@ macro_rules! launch {
         // kernels/*.cu; buffers are sized by the caller.
         candle_core::cuda_backend::WrapErr::w(unsafe { b.launch($cfg) })?;
     }};
-    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {
-        $crate::cuda::launch!(in $crate::cuda::OPS; $dev, $name, $cfg, $($arg),+)
+    (sig $sig:expr; $dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {
+        $crate::cuda::launch!(in $crate::cuda::OPS, sig $sig; $dev, $name, $cfg, $($arg),+)
     };
 }
 pub(crate) use launch;
@@ -82,6 +81,9 @@ impl<T> KernelArg for CudaView<'_, T> {
 }
 impl KernelArg for i32 {
     const KIND: u8 = b'i';
+}
+impl KernelArg for f32 {
+    const KIND: u8 = b'f';
 }
 pub(crate) fn arg_kind<T: KernelArg>(_: &T) -> u8 {
     T::KIND

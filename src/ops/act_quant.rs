@@ -83,6 +83,7 @@ pub(crate) fn cuda_quant_dequant(
             i32_arg(group, "group")?,
         );
         launch!(
+            sig crate::ops::kernel_sigs::FP8_GROUP_QUANT;
             dev,
             "moe_fp8_group_quant_f32",
             cfg,

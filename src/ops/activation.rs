@@ -135,6 +135,7 @@ impl CustomOp1 for ActAndMul {
             Activation::GeluTanh => 2,
         };
         launch!(
+            sig crate::ops::kernel_sigs::ACT_AND_MUL;
             dev,
             "moe_act_and_mul_f32",
             elementwise(r * i),

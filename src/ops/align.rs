@@ -160,6 +160,7 @@ impl MoeAlign {
         let mp = i32_arg(lay.max_num_tokens_padded, "padded tokens")?;
         let mb = i32_arg(lay.max_num_blocks, "blocks")?;
         launch!(
+            sig crate::ops::kernel_sigs::ALIGN;
             dev,
             "moe_align",
             cfg,

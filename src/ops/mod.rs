@@ -8,6 +8,7 @@ pub mod align;
 pub mod attention;
 pub(crate) mod gemm_cpu;
 pub mod grouped_gemm;
+mod kernel_sigs;
 pub mod linear;
 pub mod reduce;
 pub mod topk;

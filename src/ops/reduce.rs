@@ -96,49 +96,52 @@ impl WeightedSum {
             DType::F32 => {
                 let o = zeros::<f32>(dev, t * h)?;
                 launch!(
-                    dev,
-                    "moe_weighted_sum_f32",
-                    cfg,
-                    &yv,
-                    &wv,
-                    &has_w,
-                    &o,
-                    &ti,
-                    &ki,
-                    &hi
-                );
+                sig crate::ops::kernel_sigs::WEIGHTED_SUM;
+                dev,
+                "moe_weighted_sum_f32",
+                        cfg,
+                        &yv,
+                        &wv,
+                        &has_w,
+                        &o,
+                        &ti,
+                        &ki,
+                        &hi
+                    );
                 CudaStorage::wrap_cuda_slice(o, dev.clone())
             }
             DType::BF16 => {
                 let o = zeros::<bf16>(dev, t * h)?;
                 launch!(
-                    dev,
-                    "moe_weighted_sum_bf16",
-                    cfg,
-                    &yv,
-                    &wv,
-                    &has_w,
-                    &o,
-                    &ti,
-                    &ki,
-                    &hi
-                );
+                sig crate::ops::kernel_sigs::WEIGHTED_SUM;
+                dev,
+                "moe_weighted_sum_bf16",
+                        cfg,
+                        &yv,
+                        &wv,
+                        &has_w,
+                        &o,
+                        &ti,
+                        &ki,
+                        &hi
+                    );
                 CudaStorage::wrap_cuda_slice(o, dev.clone())
             }
             DType::F16 => {
                 let o = zeros::<f16>(dev, t * h)?;
                 launch!(
-                    dev,
-                    "moe_weighted_sum_f16",
-                    cfg,
-                    &yv,
-                    &wv,
-                    &has_w,
-                    &o,
-                    &ti,
-                    &ki,
-                    &hi
-                );
+                sig crate::ops::kernel_sigs::WEIGHTED_SUM;
+                dev,
+                "moe_weighted_sum_f16",
+                        cfg,
+                        &yv,
+                        &wv,
+                        &has_w,
+                        &o,
+                        &ti,
+                        &ki,
+                        &hi
+                    );
                 CudaStorage::wrap_cuda_slice(o, dev.clone())
             }
             dt => bail!("moe_weighted_sum: unsupported output dtype {dt:?}"),

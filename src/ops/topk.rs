@@ -218,8 +218,9 @@ impl TopKSelect {
             );
             let (gi, tg) = (g as i32, i32_arg(self.topk_group.max(1), "topk_group")?);
             launch!(
-                dev,
-                "moe_topk_select_f32",
+            sig crate::ops::kernel_sigs::TOPK;
+            dev,
+            "moe_topk_select_f32",
                 cfg,
                 &xv,
                 &bv,
@@ -400,8 +401,9 @@ impl CustomOp2 for RouterWeights {
             );
             let scaling = self.scaling;
             launch!(
-                dev,
-                "moe_router_weights_f32",
+            sig crate::ops::kernel_sigs::ROUTER_WEIGHTS;
+            dev,
+            "moe_router_weights_f32",
                 cfg,
                 &xv,
                 &ids,
