@@ -7,6 +7,7 @@ use crate::expert_map::{EpConfig, ExpertMapManager};
 use crate::modular::{
     ExpertTokensMetadata, FusedMoeKernel, LocalPrepareAndFinalize, PrepareAndFinalize,
 };
+use crate::names::{MoeNames, ProjNames};
 use crate::ops::{Activation, ScoringFunc};
 use crate::quant::{qlinear, ExpertLayerSpec, QLinear, QuantMethod, QuantScheme, Unquantized};
 use crate::router::{Router, RouterConfig};
@@ -50,6 +51,8 @@ pub struct FusedMoeConfig {
     /// scheme, e.g. `QuantScheme::on_load("fp8")`); `None`: as `quant`
     /// prescribes for a quantized checkpoint, float otherwise.
     pub dense_quant: Option<QuantScheme>,
+    /// The block's tensor names (transformers' Qwen-MoE names by default).
+    pub names: MoeNames,
 }
 
 impl FusedMoeConfig {
@@ -78,6 +81,7 @@ impl FusedMoeConfig {
             ep: EpConfig::default(),
             quant: None,
             dense_quant: None,
+            names: MoeNames::default(),
         }
     }
 
@@ -108,6 +112,7 @@ impl FusedMoeConfig {
             global_num_experts: self.num_experts,
             has_bias: self.has_bias,
             activation: self.activation,
+            names: self.names.expert.clone(),
         }
     }
 
@@ -142,11 +147,30 @@ impl GatedMlp {
         vb: &VarBuilder,
         scheme: Option<&QuantScheme>,
     ) -> Result<Self> {
+        Self::with_names(
+            hidden,
+            intermediate,
+            activation,
+            vb,
+            scheme,
+            &ProjNames::default(),
+        )
+    }
+
+    /// As `new`, the linears under `names`.
+    pub fn with_names(
+        hidden: usize,
+        intermediate: usize,
+        activation: Activation,
+        vb: &VarBuilder,
+        scheme: Option<&QuantScheme>,
+        names: &ProjNames,
+    ) -> Result<Self> {
         let lin = |i, o, name: &str| qlinear(i, o, false, &vb.pp(name), scheme);
         Ok(Self {
-            gate_proj: lin(hidden, intermediate, "gate_proj")?,
-            up_proj: lin(hidden, intermediate, "up_proj")?,
-            down_proj: lin(intermediate, hidden, "down_proj")?,
+            gate_proj: lin(hidden, intermediate, &names.gate)?,
+            up_proj: lin(hidden, intermediate, &names.up)?,
+            down_proj: lin(intermediate, hidden, &names.down)?,
             activation,
         })
     }
@@ -183,7 +207,8 @@ pub struct SharedExperts {
 
 impl SharedExperts {
     /// `vb` is the MoE block's prefix: weights under `shared_expert.*` and
-    /// `shared_expert_gate.weight`, as in Qwen2-MoE checkpoints.
+    /// `shared_expert_gate.weight`, as in Qwen2-MoE checkpoints (other names:
+    /// [`Self::new_quantized`]).
     pub fn new(
         hidden: usize,
         intermediate: usize,
@@ -191,10 +216,12 @@ impl SharedExperts {
         gated: bool,
         vb: &VarBuilder,
     ) -> Result<Self> {
-        Self::new_quantized(hidden, intermediate, activation, gated, vb, None)
+        let names = MoeNames::default();
+        Self::new_quantized(hidden, intermediate, activation, gated, vb, None, &names)
     }
 
-    /// As `new`, reading quantized linears where the checkpoint has them.
+    /// As `new`, reading quantized linears where the checkpoint has them,
+    /// under `names`' shared-expert names.
     pub fn new_quantized(
         hidden: usize,
         intermediate: usize,
@@ -202,20 +229,22 @@ impl SharedExperts {
         gated: bool,
         vb: &VarBuilder,
         scheme: Option<&QuantScheme>,
+        names: &MoeNames,
     ) -> Result<Self> {
-        let mlp = GatedMlp::new(
+        let mlp = GatedMlp::with_names(
             hidden,
             intermediate,
             activation,
-            &vb.pp("shared_expert"),
+            &vb.pp(&names.shared_expert),
             scheme,
+            &names.shared_proj,
         )?;
         let gate = if gated {
             Some(qlinear(
                 hidden,
                 1,
                 false,
-                &vb.pp("shared_expert_gate"),
+                &vb.pp(&names.shared_expert_gate),
                 scheme,
             )?)
         } else {
@@ -254,8 +283,8 @@ pub struct FusedMoe {
 impl FusedMoe {
     /// Experts from `vb` (the MoE block prefix, e.g. `model.layers.3.mlp`):
     /// `experts.{e}.{gate,up,down}_proj.weight` or the fused
-    /// `experts.gate_up_proj` / `experts.down_proj`, or the quantized tensors
-    /// of `cfg.quant`.
+    /// `experts.gate_up_proj` / `experts.down_proj` (or the names in
+    /// `cfg.names`), or the quantized tensors of `cfg.quant`.
     pub fn new(cfg: &FusedMoeConfig, vb: VarBuilder) -> Result<Self> {
         Self::with_quant(
             cfg,
@@ -275,19 +304,10 @@ impl FusedMoe {
         let expert_map =
             ExpertMapManager::new(cfg.num_experts, cfg.top_k, cfg.ep.clone(), vb.device())?;
         let bias = if cfg.use_correction_bias {
+            let name = &cfg.names.correction_bias;
             let b = vb
-                .get_with_hints_dtype(
-                    cfg.num_experts,
-                    "e_score_correction_bias",
-                    Default::default(),
-                    DType::F32,
-                )
-                .map_err(|e| {
-                    MoeError::weight(
-                        format!("{}.e_score_correction_bias", vb.prefix()),
-                        e.to_string(),
-                    )
-                })?;
+                .get_with_hints_dtype(cfg.num_experts, name, Default::default(), DType::F32)
+                .map_err(|e| MoeError::weight(format!("{}.{name}", vb.prefix()), e.to_string()))?;
             Some(b)
         } else {
             None
@@ -305,6 +325,7 @@ impl FusedMoe {
                     .as_ref()
                     .filter(|q| !q.is_on_load())
                     .or(cfg.dense_quant.as_ref()),
+                &cfg.names,
             )?),
             None => None,
         };
@@ -327,8 +348,8 @@ impl FusedMoe {
         prepare_finalize: Arc<dyn PrepareAndFinalize>,
     ) -> Result<FusedMoeKernel> {
         let vb_experts = match cfg.expert_dtype {
-            Some(dt) => vb.pp("experts").set_dtype(dt),
-            None => vb.pp("experts"),
+            Some(dt) => vb.pp(&cfg.names.experts).set_dtype(dt),
+            None => vb.pp(&cfg.names.experts),
         };
         let experts = quant.create_experts(
             &cfg.expert_spec(),
@@ -429,8 +450,9 @@ impl FusedMoe {
     }
 }
 
-/// Gate linear + [`FusedMoe`]: the MoE MLP of a decoder layer, names as in HF
-/// (`gate`, `experts`, `shared_expert`, `shared_expert_gate`).
+/// Gate linear + [`FusedMoe`]: the MoE MLP of a decoder layer, its tensors
+/// under `cfg.names` (transformers' `gate`, `experts`, `shared_expert`,
+/// `shared_expert_gate` by default).
 #[derive(Clone, Debug)]
 pub struct SparseMoeBlock {
     gate: QLinear,
@@ -454,7 +476,7 @@ impl SparseMoeBlock {
             cfg.hidden_size,
             cfg.num_experts,
             false,
-            &vb.pp("gate"),
+            &vb.pp(&cfg.names.gate),
             None,
         )?;
         Ok(Self {

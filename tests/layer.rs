@@ -406,3 +406,88 @@ fn zero_tokens() {
     let l = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(moe.forward(&x, &l).unwrap().dims(), &[0, 16]);
 }
+
+/// A model file states its tensor names: the same weights under Mixtral's
+/// (`w1`/`w3`/`w2`) and DeepSeek's (`shared_experts`,
+/// `gate.e_score_correction_bias`) names give the Qwen-named block's output
+/// exactly; the wrong names are an error naming the missing tensor.
+#[test]
+fn model_files_name_their_tensors() {
+    use candle_moe::MoeNames;
+    let mut rng = Rng::new(71);
+    let c = ckpt(&mut rng, 6, 32, 16);
+    let si = 24;
+    let mut qwen = per_expert(&c, "");
+    qwen.insert(
+        "gate.weight".into(),
+        tensor(rng.randn(c.e * c.h, 1.0), &[c.e, c.h]),
+    );
+    qwen.insert(
+        "gate.e_score_correction_bias".into(),
+        tensor(rng.randn(c.e, 2.0), &[c.e]),
+    );
+    for (p, shape) in [
+        ("gate_proj", [si, c.h]),
+        ("up_proj", [si, c.h]),
+        ("down_proj", [c.h, si]),
+    ] {
+        let w = tensor(rng.randn(si * c.h, 0.2), &shape);
+        qwen.insert(format!("shared_expert.{p}.weight"), w);
+    }
+    let mut cfg = FusedMoeConfig::new(c.h, c.i, c.e, 2);
+    cfg.shared_expert_intermediate_size = Some(si);
+    cfg.shared_expert_gate = false;
+    cfg.use_correction_bias = true;
+    let t = 5;
+    let x = tensor(rng.randn(t * c.h, 1.0), &[t, c.h]);
+    let run = |m: &HashMap<String, Tensor>, cfg: &FusedMoeConfig| -> Result<Vec<f32>, String> {
+        let block =
+            SparseMoeBlock::new(cfg, vb(m.clone(), DType::F32)).map_err(|e| e.to_string())?;
+        Ok(out_vec(&block.forward(&x).map_err(|e| e.to_string())?))
+    };
+    let want = run(&qwen, &cfg).unwrap();
+    let rename = |from: &str, to: &str| -> HashMap<String, Tensor> {
+        qwen.iter()
+            .map(|(k, v)| (k.replace(from, to), v.clone()))
+            .collect()
+    };
+    // Mixtral's expert linears
+    let mut mixtral = rename(".gate_proj.", ".w1.");
+    mixtral = mixtral
+        .into_iter()
+        .map(|(k, v)| (k.replace(".up_proj.", ".w3."), v))
+        .collect();
+    mixtral = mixtral
+        .into_iter()
+        .map(|(k, v)| (k.replace(".down_proj.", ".w2."), v))
+        .collect();
+    // the shared expert keeps its gate_proj / up_proj / down_proj
+    for (k, v) in &qwen {
+        if k.starts_with("shared_expert.") {
+            mixtral.insert(k.clone(), v.clone());
+        }
+    }
+    let mixtral_cfg = FusedMoeConfig {
+        names: MoeNames::mixtral(),
+        ..cfg.clone()
+    };
+    assert_eq!(run(&mixtral, &mixtral_cfg).unwrap(), want);
+    let e = run(&mixtral, &cfg).unwrap_err();
+    assert!(e.contains("experts.0.gate_proj"), "{e}");
+    // DeepSeek's plural shared experts
+    let deepseek = rename("shared_expert.", "shared_experts.");
+    let deepseek_cfg = FusedMoeConfig {
+        names: MoeNames::deepseek(),
+        ..cfg.clone()
+    };
+    assert_eq!(run(&deepseek, &deepseek_cfg).unwrap(), want);
+    let e = run(&deepseek, &cfg).unwrap_err();
+    assert!(e.contains("shared_expert"), "{e}");
+    // the correction bias is read (from under the gate): without it the
+    // selection differs
+    let no_bias = FusedMoeConfig {
+        use_correction_bias: false,
+        ..cfg.clone()
+    };
+    assert_ne!(run(&qwen, &no_bias).unwrap(), want);
+}

@@ -258,6 +258,7 @@ fn bad_quantized_tensors_are_named_errors() {
         global_num_experts: 1,
         has_bias: false,
         activation: candle_moe::Activation::Silu,
+        names: Default::default(),
     };
     let mk = |scale: u8, down_cols: usize| {
         let mut t = HashMap::new();

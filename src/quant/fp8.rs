@@ -141,7 +141,8 @@ impl QuantMethod for Fp8 {
     fn expert_tensors(&self, s: &ExpertLayerSpec) -> Vec<TensorSpec> {
         let (h, i) = (s.hidden_size, s.intermediate_size);
         let mut v = Vec::new();
-        for (p, n, k) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+        let pn = &s.names.proj;
+        for (p, n, k) in [(&pn.gate, i, h), (&pn.up, i, h), (&pn.down, h, i)] {
             if self.on_load {
                 v.push(TensorSpec {
                     name: format!("{{e}}.{p}.weight"),
@@ -221,9 +222,9 @@ impl QuantMethod for Fp8 {
                 None => {
                     let ve = vb.pp(g);
                     [
-                        self.read_proj(&ve.pp("gate_proj"), i, h)?,
-                        self.read_proj(&ve.pp("up_proj"), i, h)?,
-                        self.read_proj(&ve.pp("down_proj"), h, i)?,
+                        self.read_proj(&ve.pp(&s.names.proj.gate), i, h)?,
+                        self.read_proj(&ve.pp(&s.names.proj.up), i, h)?,
+                        self.read_proj(&ve.pp(&s.names.proj.down), h, i)?,
                     ]
                 }
             };

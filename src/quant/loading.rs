@@ -80,13 +80,14 @@ pub(crate) enum FloatExperts {
 
 impl FloatExperts {
     pub fn open(s: &ExpertLayerSpec, vb: &VarBuilder) -> Result<Self> {
-        if !vb.contains_tensor("gate_up_proj") {
+        let n = &s.names;
+        if !vb.contains_tensor(&n.fused_gate_up) {
             return Ok(Self::PerExpert);
         }
         let (h, i, e) = (s.hidden_size, s.intermediate_size, s.global_num_experts);
         Ok(Self::Fused {
-            gate_up: get_dtype(vb, &[e, 2 * i, h], "gate_up_proj", vb.dtype())?,
-            down: get_dtype(vb, &[e, h, i], "down_proj", vb.dtype())?,
+            gate_up: get_dtype(vb, &[e, 2 * i, h], &n.fused_gate_up, vb.dtype())?,
+            down: get_dtype(vb, &[e, h, i], &n.fused_down, vb.dtype())?,
         })
     }
 
@@ -94,12 +95,12 @@ impl FloatExperts {
         let (h, i) = (s.hidden_size, s.intermediate_size);
         match self {
             Self::PerExpert => {
-                let ve = vb.pp(g);
+                let (ve, p) = (vb.pp(g), &s.names.proj);
                 let dt = vb.dtype();
                 Ok(FloatExpert {
-                    gate: get_dtype(&ve.pp("gate_proj"), &[i, h], "weight", dt)?,
-                    up: get_dtype(&ve.pp("up_proj"), &[i, h], "weight", dt)?,
-                    down: get_dtype(&ve.pp("down_proj"), &[h, i], "weight", dt)?,
+                    gate: get_dtype(&ve.pp(&p.gate), &[i, h], "weight", dt)?,
+                    up: get_dtype(&ve.pp(&p.up), &[i, h], "weight", dt)?,
+                    down: get_dtype(&ve.pp(&p.down), &[h, i], "weight", dt)?,
                 })
             }
             Self::Fused { gate_up, down } => {
@@ -127,10 +128,11 @@ pub(crate) fn load_biases(
     let (h, i) = (s.hidden_size, s.intermediate_size);
     let mut b13 = Vec::with_capacity(local_ids.len() * 2 * i);
     let mut b2 = Vec::with_capacity(local_ids.len() * h);
-    if vb.contains_tensor("gate_up_proj_bias") {
+    let n = &s.names;
+    if vb.contains_tensor(&n.fused_gate_up_bias()) {
         let e = s.global_num_experts;
-        let gu = get_dtype(vb, &[e, 2 * i], "gate_up_proj_bias", DType::F32)?;
-        let d = get_dtype(vb, &[e, h], "down_proj_bias", DType::F32)?;
+        let gu = get_dtype(vb, &[e, 2 * i], &n.fused_gate_up_bias(), DType::F32)?;
+        let d = get_dtype(vb, &[e, h], &n.fused_down_bias(), DType::F32)?;
         for &g in local_ids {
             b13.extend(f32_vec(&gu.get(g)?)?);
             b2.extend(f32_vec(&d.get(g)?)?);
@@ -139,19 +141,19 @@ pub(crate) fn load_biases(
         for &g in local_ids {
             let ve = vb.pp(g);
             b13.extend(f32_vec(&get_dtype(
-                &ve.pp("gate_proj"),
+                &ve.pp(&n.proj.gate),
                 &[i],
                 "bias",
                 DType::F32,
             )?)?);
             b13.extend(f32_vec(&get_dtype(
-                &ve.pp("up_proj"),
+                &ve.pp(&n.proj.up),
                 &[i],
                 "bias",
                 DType::F32,
             )?)?);
             b2.extend(f32_vec(&get_dtype(
-                &ve.pp("down_proj"),
+                &ve.pp(&n.proj.down),
                 &[h],
                 "bias",
                 DType::F32,

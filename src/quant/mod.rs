@@ -16,6 +16,7 @@ pub use unquantized::Unquantized;
 
 use crate::error::Result;
 use crate::modular::{Experts, FusedMoeKernel, PrepareAndFinalize};
+use crate::names::ExpertNames;
 use crate::ops::Activation;
 use candle_core::DType;
 use candle_nn::VarBuilder;
@@ -29,6 +30,8 @@ pub struct ExpertLayerSpec {
     pub global_num_experts: usize,
     pub has_bias: bool,
     pub activation: Activation,
+    /// The experts' tensor names (relative to the `experts` prefix).
+    pub names: ExpertNames,
 }
 
 /// One checkpoint tensor a quant method reads (name relative to the layer's

@@ -84,27 +84,26 @@ impl Mxfp4 {
         let t = |name: &str, shape: &[usize]| -> Result<Tensor> {
             get_dtype(vb, shape, name, DType::U8)
         };
-        let b13 = t("gate_up_proj_blocks", &[eg, 2 * i, g13, 16])?;
-        let s13 = t("gate_up_proj_scales", &[eg, 2 * i, g13])?;
-        let b2 = t("down_proj_blocks", &[eg, h, g2, 16])?;
-        let s2 = t("down_proj_scales", &[eg, h, g2])?;
+        let n = &s.names;
+        let name = |base: &str, suffix: &str| format!("{base}_{suffix}");
+        let (gu_blocks, gu_scales) = (
+            name(&n.fused_gate_up, "blocks"),
+            name(&n.fused_gate_up, "scales"),
+        );
+        let (d_blocks, d_scales) = (name(&n.fused_down, "blocks"), name(&n.fused_down, "scales"));
+        let b13 = t(&gu_blocks, &[eg, 2 * i, g13, 16])?;
+        let s13 = t(&gu_scales, &[eg, 2 * i, g13])?;
+        let b2 = t(&d_blocks, &[eg, h, g2, 16])?;
+        let s2 = t(&d_scales, &[eg, h, g2])?;
         let (mut q13, mut sc13, mut q2, mut sc2) = (vec![], vec![], vec![], vec![]);
         for &g in local_ids {
             let bytes = |t: &Tensor, name: &str| tensor_bytes(&t.get(g)?, &full_name(vb, name));
-            q13.extend(deinterleave_rows(
-                &bytes(&b13, "gate_up_proj_blocks")?,
-                i,
-                h / 2,
-            ));
-            sc13.extend(deinterleave_rows(
-                &bytes(&s13, "gate_up_proj_scales")?,
-                i,
-                g13,
-            ));
-            q2.extend(bytes(&b2, "down_proj_blocks")?);
-            sc2.extend(bytes(&s2, "down_proj_scales")?);
+            q13.extend(deinterleave_rows(&bytes(&b13, &gu_blocks)?, i, h / 2));
+            sc13.extend(deinterleave_rows(&bytes(&s13, &gu_scales)?, i, g13));
+            q2.extend(bytes(&b2, &d_blocks)?);
+            sc2.extend(bytes(&s2, &d_scales)?);
         }
-        for (v, name) in [(&sc13, "gate_up_proj_scales"), (&sc2, "down_proj_scales")] {
+        for (v, name) in [(&sc13, &gu_scales), (&sc2, &d_scales)] {
             if let Some(p) = v.iter().position(|&b| b == 255) {
                 return Err(MoeError::weight(
                     full_name(vb, name),
@@ -113,8 +112,8 @@ impl Mxfp4 {
             }
         }
         let (bias13, bias2) = if s.has_bias {
-            let gu = get_dtype(vb, &[eg, 2 * i], "gate_up_proj_bias", DType::F32)?;
-            let d = get_dtype(vb, &[eg, h], "down_proj_bias", DType::F32)?;
+            let gu = get_dtype(vb, &[eg, 2 * i], &n.fused_gate_up_bias(), DType::F32)?;
+            let d = get_dtype(vb, &[eg, h], &n.fused_down_bias(), DType::F32)?;
             let (mut v13, mut v2) = (vec![], vec![]);
             for &g in local_ids {
                 v13.extend(deinterleave_rows(&gu.get(g)?.to_vec1::<f32>()?, i, 1));
@@ -162,7 +161,8 @@ impl QuantMethod for Mxfp4 {
     fn expert_tensors(&self, s: &ExpertLayerSpec) -> Vec<TensorSpec> {
         let (h, i) = (s.hidden_size, s.intermediate_size);
         let mut v = Vec::new();
-        for (p, n, k) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+        let pn = &s.names.proj;
+        for (p, n, k) in [(&pn.gate, i, h), (&pn.up, i, h), (&pn.down, h, i)] {
             if self.on_load {
                 v.push(TensorSpec {
                     name: format!("{{e}}.{p}.weight"),
@@ -198,7 +198,7 @@ impl QuantMethod for Mxfp4 {
                 "mxfp4 needs hidden ({h}) and intermediate ({i}) sizes that are multiples of 32"
             )));
         }
-        if vb.contains_tensor("gate_up_proj_blocks") && !self.on_load {
+        if vb.contains_tensor(&format!("{}_blocks", s.names.fused_gate_up)) && !self.on_load {
             return Self::load_gpt_oss(s, vb, local_ids);
         }
         let mut q13 = Vec::with_capacity(e * i * h);
@@ -220,9 +220,9 @@ impl QuantMethod for Mxfp4 {
                 None => {
                     let ve = vb.pp(g);
                     [
-                        Self::read_proj(&ve.pp("gate_proj"), i, h)?,
-                        Self::read_proj(&ve.pp("up_proj"), i, h)?,
-                        Self::read_proj(&ve.pp("down_proj"), h, i)?,
+                        Self::read_proj(&ve.pp(&s.names.proj.gate), i, h)?,
+                        Self::read_proj(&ve.pp(&s.names.proj.up), i, h)?,
+                        Self::read_proj(&ve.pp(&s.names.proj.down), h, i)?,
                     ]
                 }
             };

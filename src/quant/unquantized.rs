@@ -46,7 +46,8 @@ impl Unquantized {
         // before the stack is allocated from the config's sizes
         for &g in local_ids {
             let ve = vb.pp(g);
-            for p in ["gate_proj", "up_proj", "down_proj"] {
+            let pn = &s.names.proj;
+            for p in [&pn.gate, &pn.up, &pn.down] {
                 if !ve.pp(p).contains_tensor("weight") {
                     return Err(MoeError::weight(
                         format!("{}.{p}.weight", ve.prefix()),
@@ -56,8 +57,8 @@ impl Unquantized {
             }
         }
         if let Some(&g) = local_ids.first() {
-            get(&vb.pp(g).pp("gate_proj"), &[i, h], "weight")?;
-            get(&vb.pp(g).pp("down_proj"), &[h, i], "weight")?;
+            get(&vb.pp(g).pp(&s.names.proj.gate), &[i, h], "weight")?;
+            get(&vb.pp(g).pp(&s.names.proj.down), &[h, i], "weight")?;
         }
         let w13 = Stacker::new(e, &[2 * i, h], vb)?;
         let w2 = Stacker::new(e, &[h, i], vb)?;
@@ -72,16 +73,16 @@ impl Unquantized {
             None
         };
         for (l, &g) in local_ids.iter().enumerate() {
-            let ve = vb.pp(g);
-            let gate = get(&ve.pp("gate_proj"), &[i, h], "weight")?;
-            let up = get(&ve.pp("up_proj"), &[i, h], "weight")?;
+            let (ve, p) = (vb.pp(g), &s.names.proj);
+            let gate = get(&ve.pp(&p.gate), &[i, h], "weight")?;
+            let up = get(&ve.pp(&p.up), &[i, h], "weight")?;
             w13.set(l, &Tensor::cat(&[&gate, &up], 0)?)?;
-            w2.set(l, &get(&ve.pp("down_proj"), &[h, i], "weight")?)?;
+            w2.set(l, &get(&ve.pp(&p.down), &[h, i], "weight")?)?;
             if let (Some(b13), Some(b2)) = (&b13, &b2) {
-                let bg = get(&ve.pp("gate_proj"), &[i], "bias")?;
-                let bu = get(&ve.pp("up_proj"), &[i], "bias")?;
+                let bg = get(&ve.pp(&p.gate), &[i], "bias")?;
+                let bu = get(&ve.pp(&p.up), &[i], "bias")?;
                 b13.set(l, &Tensor::cat(&[&bg, &bu], 0)?)?;
-                b2.set(l, &get(&ve.pp("down_proj"), &[h], "bias")?)?;
+                b2.set(l, &get(&ve.pp(&p.down), &[h], "bias")?)?;
             }
         }
         Ok((w13.out, w2.out, b13.map(|b| b.out), b2.map(|b| b.out)))
@@ -104,12 +105,13 @@ impl Unquantized {
             let idx = Tensor::new(idx.as_slice(), t.device())?;
             Ok(t.index_select(&idx, 0)?)
         };
-        let w13 = pick(get(vb, &[eg, 2 * i, h], "gate_up_proj")?)?;
-        let w2 = pick(get(vb, &[eg, h, i], "down_proj")?)?;
+        let n = &s.names;
+        let w13 = pick(get(vb, &[eg, 2 * i, h], &n.fused_gate_up)?)?;
+        let w2 = pick(get(vb, &[eg, h, i], &n.fused_down)?)?;
         let (b13, b2) = if s.has_bias {
             (
-                Some(pick(get(vb, &[eg, 2 * i], "gate_up_proj_bias")?)?),
-                Some(pick(get(vb, &[eg, h], "down_proj_bias")?)?),
+                Some(pick(get(vb, &[eg, 2 * i], &n.fused_gate_up_bias())?)?),
+                Some(pick(get(vb, &[eg, h], &n.fused_down_bias())?)?),
             )
         } else {
             (None, None)
@@ -174,7 +176,7 @@ impl QuantMethod for Unquantized {
                 s.global_num_experts
             )));
         }
-        let fused = vb.contains_tensor("gate_up_proj");
+        let fused = vb.contains_tensor(&s.names.fused_gate_up);
         let (w13, w2, b13, b2) = if fused {
             self.load_fused(s, vb, local_ids)?
         } else {
