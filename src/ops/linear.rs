@@ -126,6 +126,7 @@ impl DenseLinear {
                     unsafe {
                         qgemm_tile(&QTile {
                             a: ap,
+                            act_group: self.args.act_quant_group,
                             w: wm,
                             n0,
                             n1,

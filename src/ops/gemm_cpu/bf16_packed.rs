@@ -65,7 +65,7 @@ unsafe fn pack16(w: &[bf16], k: usize, r0: usize, c0: usize, panel: &mut [u32]) 
 /// 16×16 transpose of u32 lanes: `out[j][i] = r[i][j]`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+pub(crate) unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     // pairs of rows → 2×2 blocks of u32
     let a: [__m512i; 16] = std::array::from_fn(|i| {
         let (x, y) = (r[i & !1], r[i | 1]);

@@ -319,6 +319,7 @@ impl GroupedGemm {
             unsafe {
                 qgemm_tile(&QTile {
                     a: ap,
+                    act_group: self.args.act_quant_group,
                     w: mats[e],
                     n0,
                     n1,

@@ -14,9 +14,9 @@ const AHEAD_ROWS: usize = 8;
 /// For every e8m0 scale, the bf16 bits of the 16 e2m1 codes times that
 /// scale (exact: a power of two), so a word permute yields scaled weights.
 #[repr(C, align(64))]
-struct ScaledLut([u16; 32]);
+pub(super) struct ScaledLut(pub(super) [u16; 32]);
 
-static MX_BF16_LUTS: LazyLock<Vec<ScaledLut>> = LazyLock::new(|| {
+pub(super) static MX_BF16_LUTS: LazyLock<Vec<ScaledLut>> = LazyLock::new(|| {
     (0..256)
         .map(|e| {
             let mut w = [0u16; 32];
@@ -78,7 +78,7 @@ unsafe fn mx_block<const M: usize, const NW: usize>(
 /// 32 e4m3 bytes → two zmm of f32 equal to the values / 256.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn fp8_dec32(p: *const u8) -> [__m512; 2] {
+pub(super) unsafe fn fp8_dec32(p: *const u8) -> [__m512; 2] {
     let t = _mm512_slli_epi16::<7>(_mm512_cvtepu8_epi16(_mm256_loadu_si256(
         p as *const __m256i,
     )));

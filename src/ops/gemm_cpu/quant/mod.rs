@@ -29,6 +29,10 @@ static MX_HALF_SCALE: LazyLock<[f32; 256]> =
 /// written to `c[i] + (0..n1-n0)`.
 pub struct QTile<'a> {
     pub a: &'a [*const f32],
+    /// The activations were FP8-quantized (and dequantized) per token in
+    /// groups of this many columns (W8A8): a kernel may multiply their
+    /// e4m3 codes and apply the group scales itself.
+    pub act_group: Option<usize>,
     pub w: PackedMat<'a>,
     pub n0: usize,
     pub n1: usize,
@@ -89,6 +93,7 @@ pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512Bf16 if t.a.len() <= SKINNY_MAX_ROWS => return avx512::skinny(t),
+        Isa::Avx512Bf16 if packed_bf16::supports(&t.w) => return packed_bf16::gemm(t),
         Isa::Avx2 | Isa::Avx512Bf16 => {
             if t.a.len() <= SKINNY_MAX_ROWS {
                 return avx2::skinny(t);
@@ -117,6 +122,9 @@ mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+
+#[cfg(target_arch = "x86_64")]
+mod packed_bf16;
 
 #[cfg(test)]
 mod tests {
@@ -153,15 +161,27 @@ mod tests {
 
     fn check(w: PackedMat<'_>, n: usize, deq: &dyn Fn(usize, usize) -> f32) {
         for isa in isas() {
-            check_isa(w, n, deq, isa);
+            check_isa(w, n, deq, isa, None);
         }
     }
 
-    fn check_isa(w: PackedMat<'_>, n: usize, deq: &dyn Fn(usize, usize) -> f32, isa: Isa) {
+    /// `act_group`: the activations are FP8 fake-quantized in groups of
+    /// this many columns first (W8A8), as the ops do.
+    fn check_isa(
+        w: PackedMat<'_>,
+        n: usize,
+        deq: &dyn Fn(usize, usize) -> f32,
+        isa: Isa,
+        act_group: Option<usize>,
+    ) {
         let k = w.k();
         let mut rng = Lcg(7);
         for m in [1usize, 2, 3, 5, 13] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
+            let mut a: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
+            if let Some(g) = act_group {
+                a.chunks_mut(k)
+                    .for_each(|row| crate::format::fp8::fake_quant_fp8_groups(row, g));
+            }
             let mut c = vec![0f32; m * n];
             let ap: Vec<*const f32> = (0..m).map(|r| unsafe { a.as_ptr().add(r * k) }).collect();
             let cp: Vec<*mut f32> = (0..m)
@@ -171,6 +191,7 @@ mod tests {
                 qgemm_tile_with(
                     &QTile {
                         a: &ap,
+                        act_group,
                         w,
                         n0: 0,
                         n1: n,
@@ -184,16 +205,23 @@ mod tests {
                     let want: f32 = (0..k).map(|x| a[r * k + x] * deq(j, x)).sum();
                     let terms: f32 = (0..k).map(|x| (a[r * k + x] * deq(j, x)).abs()).sum();
                     let got = c[r * n + j];
-                    // f32 paths: rounding of the sum; the bf16 dot product
-                    // keeps ~16 bits of each activation (high part + residual)
-                    let rel = if isa == Isa::Avx512Bf16 && matches!(w, PackedMat::Mxfp4 { .. }) {
+                    // f32 paths and W8A8 codes (exact products): rounding of
+                    // the sum; the bf16 dot products of f32 activations
+                    // (AVX-512 MXFP4 decode, every AVX-512 prefill) keep ~16
+                    // bits of each (high part + residual)
+                    let codes =
+                        matches!(w, PackedMat::Fp8 { bk, .. } if act_group == Some(bk.min(k)));
+                    let rel = if isa == Isa::Avx512Bf16
+                        && !(codes && m > SKINNY_MAX_ROWS)
+                        && (matches!(w, PackedMat::Mxfp4 { .. }) || m > SKINNY_MAX_ROWS)
+                    {
                         3e-5
                     } else {
-                        1e-6
+                        2e-6
                     };
                     assert!(
                         (got - want).abs() <= rel * terms + 1e-6,
-                        "{isa:?} m={m} row {r} col {j}: {got} vs {want}"
+                        "{isa:?} {act_group:?} m={m} row {r} col {j}: {got} vs {want}"
                     );
                 }
             }
@@ -232,9 +260,16 @@ mod tests {
                 bk,
             };
             w.check(n).unwrap();
-            check(w, n, &|r, c| {
-                e4m3_to_f32(q[r * k + c]) * scales[(r / bn) * kb + c / bk]
-            });
+            let deq =
+                |r: usize, c: usize| e4m3_to_f32(q[r * k + c]) * scales[(r / bn) * kb + c / bk];
+            check(w, n, &deq);
+            // W8A8 with activation groups as wide as the weight blocks (the
+            // AVX-512 prefill multiplies codes) and narrower ones
+            for isa in isas() {
+                for g in [bk.min(k), 16] {
+                    check_isa(w, n, &deq, isa, Some(g));
+                }
+            }
         }
     }
 
