@@ -85,6 +85,12 @@ impl Isa {
     }
 }
 
+/// Rows from which the AVX-512 prefill beats the decode kernel run over
+/// chunks of 3 rows: decoding a strip into the bf16 panel costs about what
+/// three decode passes do (bench_linear, 1408×2048 / 2048×1408 / 5632×2048:
+/// the decode passes win at 4 and 8 rows, the prefill from 16).
+const PACKED_MIN_ROWS: usize = 12;
+
 /// [`qgemm_tile`] with an explicit instruction set.
 ///
 /// # Safety
@@ -92,7 +98,13 @@ impl Isa {
 pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        Isa::Avx512Bf16 if t.a.len() <= SKINNY_MAX_ROWS => return avx512::skinny(t),
+        Isa::Avx512Bf16 if t.a.len() < PACKED_MIN_ROWS => {
+            // the decode kernel over chunks of its rows
+            for (a, c) in t.a.chunks(SKINNY_MAX_ROWS).zip(t.c.chunks(SKINNY_MAX_ROWS)) {
+                avx512::skinny(&QTile { a, c, ..*t });
+            }
+            return;
+        }
         Isa::Avx512Bf16 if packed_bf16::supports(&t.w) => return packed_bf16::gemm(t),
         Isa::Avx2 | Isa::Avx512Bf16 => {
             if t.a.len() <= SKINNY_MAX_ROWS {
@@ -176,7 +188,7 @@ mod tests {
     ) {
         let k = w.k();
         let mut rng = Lcg(7);
-        for m in [1usize, 2, 3, 5, 13] {
+        for m in [1usize, 2, 3, 5, 13, 20] {
             let mut a: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
             if let Some(g) = act_group {
                 a.chunks_mut(k)

@@ -176,22 +176,36 @@ struct ActRow {
 /// in bf16) and group scales: a group's largest magnitude is 448 · its
 /// scale (the quantizer maps the amax to 448), so `a / (amax / 448)` is the
 /// code to within an f32 rounding, which the bf16 rounding removes.
-fn code_row(a: &[f32], group: usize) -> ActRow {
-    let groups32 = a.len().div_ceil(32);
-    let mut codes = vec![0u16; groups32 * 32];
-    let mut scales = Vec::with_capacity(a.len().div_ceil(group));
-    for (g, chunk) in a.chunks(group).enumerate() {
-        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = amax.max(1e-10) / crate::format::fp8::E4M3_MAX;
-        for (j, v) in chunk.iter().enumerate() {
-            codes[g * group + j] = half::bf16::from_f32(v / s).to_bits();
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn code_row(a: *const f32, k: usize, group: usize) -> ActRow {
+    let mut scales = Vec::with_capacity(k.div_ceil(group));
+    let mut t = vec![0f32; k.div_ceil(32) * 32];
+    for c0 in (0..k).step_by(group) {
+        let c1 = (c0 + group).min(k);
+        let mut m = _mm512_setzero_ps();
+        for c in (c0..c1).step_by(16) {
+            let v = _mm512_maskz_loadu_ps(mask16(c1 - c), a.add(c));
+            m = _mm512_max_ps(m, _mm512_abs_ps(v));
+        }
+        let s = _mm512_reduce_max_ps(m).max(1e-10) / crate::format::fp8::E4M3_MAX;
+        // a multiply by 1/s is within a few f32 ulps of the code: the bf16
+        // rounding below removes them
+        let inv = _mm512_set1_ps(1.0 / s);
+        for c in (c0..c1).step_by(16) {
+            let mk = mask16(c1 - c);
+            let v = _mm512_maskz_loadu_ps(mk, a.add(c));
+            _mm512_mask_storeu_ps(t.as_mut_ptr().add(c), mk, _mm512_mul_ps(v, inv));
         }
         scales.push(s);
     }
-    let hi = codes
+    let hi = t
         .chunks_exact(32)
-        // SAFETY: 32 u16 are the 64 bytes of one __m512bh (any bits are valid)
-        .map(|c| unsafe { std::mem::transmute::<[u16; 32], __m512bh>(c.try_into().unwrap()) })
+        .map(|c| {
+            _mm512_cvtne2ps_pbh(
+                _mm512_loadu_ps(c.as_ptr().add(16)),
+                _mm512_loadu_ps(c.as_ptr()),
+            )
+        })
         .collect();
     ActRow {
         split: SplitRow { hi, lo: Vec::new() },
@@ -252,7 +266,7 @@ pub(super) unsafe fn gemm(t: &QTile<'_>) {
         t.a.iter()
             .map(|&a| {
                 if codes {
-                    return code_row(std::slice::from_raw_parts(a, k), t.act_group.unwrap_or(k));
+                    return code_row(a, k, t.act_group.unwrap_or(k));
                 }
                 let (split, res) = split_row(a, k);
                 residual |= res;
