@@ -73,6 +73,35 @@ fn run_tiles(a: &[f32], k: usize, n: usize, row_bytes: usize, tile: &RowTileFn<'
     out
 }
 
+/// bf16 weights, 1–3 rows, AVX-512 BF16: the rows are split into bf16
+/// parts once, not once per column tile.
+#[cfg(target_arch = "x86_64")]
+fn bf16_decode(a: &[f32], k: usize, w: &[bf16], n: usize) -> Vec<f32> {
+    use super::gemm_cpu::bf16_avx512::{skinny_split, split_rows};
+    let m = a.len().checked_div(k).unwrap_or(0);
+    let ap: Vec<*const f32> = (0..m).map(|r| a[r * k..].as_ptr()).collect();
+    // SAFETY: the rows are k long in `a`; the caller checked the features
+    let (rows, res) = unsafe { split_rows(&ap, k) };
+    run_tiles(a, k, n, 2 * k, &|ap, n0, n1, cp| {
+        // SAFETY: as in `dense`; `rows` are the split of all m rows, which
+        // every tile of the decode path holds (run_tiles: one row chunk)
+        unsafe {
+            skinny_split(
+                &Tile {
+                    a: ap,
+                    w,
+                    k,
+                    n0,
+                    n1,
+                    c: cp,
+                },
+                &rows,
+                res,
+            )
+        }
+    })
+}
+
 fn dense<W: WeightElem>(a: &[f32], k: usize, w: &[W], n: usize) -> Vec<f32> {
     run_tiles(a, k, n, k * std::mem::size_of::<W>(), &|ap, n0, n1, cp| {
         // SAFETY: `w` holds n·k elements (checked by the caller); `ap` rows
@@ -98,7 +127,7 @@ impl DenseLinear {
         lx: &Layout,
         sw: &CpuStorage,
         lw: &Layout,
-        (_m, n, k): (usize, usize, usize),
+        (m, n, k): (usize, usize, usize),
     ) -> Result<Vec<f32>> {
         let mut a = to_f32_cow(sx, lx, "linear input")?;
         if let Some(group) = self.args.act_quant_group {
@@ -137,6 +166,12 @@ impl DenseLinear {
             }
             None => match sw.dtype() {
                 DType::F32 => dense(&a, k, contiguous::<f32>(sw, lw, "linear weight")?, n),
+                #[cfg(target_arch = "x86_64")]
+                DType::BF16
+                    if m <= SKINNY_MAX_ROWS && super::gemm_cpu::bf16_avx512::available() =>
+                {
+                    bf16_decode(&a, k, contiguous::<bf16>(sw, lw, "linear weight")?, n)
+                }
                 DType::BF16 => dense(&a, k, contiguous::<bf16>(sw, lw, "linear weight")?, n),
                 DType::F16 => dense(&a, k, contiguous::<f16>(sw, lw, "linear weight")?, n),
                 dt => bail!("linear: unsupported weight dtype {dt:?}"),

@@ -55,7 +55,9 @@ pub(super) fn mask16(n: usize) -> u16 {
 pub(crate) unsafe fn split_row(a: *const f32, k: usize) -> (SplitRow, bool) {
     let groups = k.div_ceil(32);
     let (mut hi, mut lo) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
-    let mut any = _mm512_setzero_ps();
+    // integer ORs: `_mm512_or_ps` is AVX-512 DQ, outside these features
+    // (it would be a call per group)
+    let mut any = _mm512_setzero_si512();
     for g in 0..groups {
         let c = 32 * g;
         let x0 = _mm512_maskz_loadu_ps(mask16(k - c), a.add(c));
@@ -63,11 +65,13 @@ pub(crate) unsafe fn split_row(a: *const f32, k: usize) -> (SplitRow, bool) {
         let h = _mm512_cvtne2ps_pbh(x1, x0);
         let [h0, h1] = widen_bf16(h);
         let (r0, r1) = (_mm512_sub_ps(x0, h0), _mm512_sub_ps(x1, h1));
-        any = _mm512_or_ps(any, _mm512_or_ps(r0, r1));
+        let r = _mm512_or_si512(_mm512_castps_si512(r0), _mm512_castps_si512(r1));
+        any = _mm512_or_si512(any, r);
         hi.push(h);
         lo.push(_mm512_cvtne2ps_pbh(r1, r0));
     }
-    let nonzero = _mm512_cmpneq_ps_mask(any, _mm512_setzero_ps()) != 0;
+    // any bit set: a residual of -0.0 counts, harmlessly
+    let nonzero = _mm512_test_epi32_mask(any, any) != 0;
     (SplitRow { hi, lo }, nonzero)
 }
 
@@ -162,17 +166,34 @@ unsafe fn rows_m<const M: usize, const NW: usize, const RES: bool>(
 /// As [`super::gemm_tile`]; [`available`] must be true.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn skinny(t: &Tile<'_, bf16>) {
-    let split: Vec<(SplitRow, bool)> = t.a.iter().map(|&a| split_row(a, t.k)).collect();
+    let (rows, res) = split_rows(t.a, t.k);
+    skinny_split(t, &rows, res)
+}
+
+/// The rows `a` (each `k` long) split; whether any has a residual.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn split_rows(a: &[*const f32], k: usize) -> (Vec<SplitRow>, bool) {
+    let split: Vec<(SplitRow, bool)> = a.iter().map(|&a| split_row(a, k)).collect();
     let res = split.iter().any(|s| s.1);
-    let rows: Vec<SplitRow> = split.into_iter().map(|s| s.0).collect();
+    (split.into_iter().map(|s| s.0).collect(), res)
+}
+
+/// [`skinny`] with the tile's rows split already ([`split_rows`]): callers
+/// that run many column tiles of the same rows split them once.
+///
+/// # Safety
+/// As [`skinny`]; `rows` are `t.a` split.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn skinny_split(t: &Tile<'_, bf16>, rows: &[SplitRow], res: bool) {
+    let rows = &rows[..t.c.len().min(rows.len())];
     match (rows.len(), res) {
         (0, _) => {}
-        (1, false) => rows_m::<1, 4, false>(t, &rows),
-        (1, true) => rows_m::<1, 4, true>(t, &rows),
-        (2, false) => rows_m::<2, 4, false>(t, &rows),
-        (2, true) => rows_m::<2, 4, true>(t, &rows),
-        (_, false) => rows_m::<3, 4, false>(t, &rows),
-        (_, true) => rows_m::<3, 4, true>(t, &rows),
+        (1, false) => rows_m::<1, 4, false>(t, rows),
+        (1, true) => rows_m::<1, 4, true>(t, rows),
+        (2, false) => rows_m::<2, 4, false>(t, rows),
+        (2, true) => rows_m::<2, 4, true>(t, rows),
+        (_, false) => rows_m::<3, 4, false>(t, rows),
+        (_, true) => rows_m::<3, 4, true>(t, rows),
     }
 }
 
