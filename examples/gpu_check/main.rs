@@ -6,7 +6,9 @@
 //! transformers checkpoints on cuda against their references, and a benchmark
 //! of the layer at Qwen3-30B-A3B dims (achieved HBM bandwidth for decode,
 //! TFLOP/s for prefill), also against candle-transformers' `FusedMoe`
-//! (candle's `moe_gemm`) on the same weights. Prints a table and writes JSON.
+//! (candle's `moe_gemm`) on the same weights, and the whole model's decode
+//! step at those dims (its prompt logits against the CPU's first). Prints a
+//! table and writes JSON.
 //!
 //!     cargo build --release --features cuda --example gpu_check
 //!     gpu_check [--out gpu.json] [--fixtures tests/fixtures] [--quick]
@@ -29,8 +31,10 @@ use std::time::Instant;
 
 mod bench;
 mod kernels;
+mod model;
 use bench::{bench, bench_vs_candle};
 use kernels::{bench_kernels, kernel_checks};
+use model::model_step;
 
 struct Rng(u64);
 impl Rng {
@@ -338,18 +342,26 @@ fn parity_checks(gpu: &Device, r: &mut Report, dir: &std::path::Path) -> Result<
     Ok(())
 }
 
+/// GPU checks and benchmarks (see the module doc).
+#[derive(clap::Parser)]
+struct Args {
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "gpu_check.json")]
+    out: String,
+    /// The transformers-made checkpoints with their expected logits.
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: std::path::PathBuf,
+    /// Fewer shapes and repetitions (and a 1-layer model).
+    #[arg(long)]
+    quick: bool,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |f: &str| {
-        args.iter()
-            .position(|a| a == f)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let out = get("--out").unwrap_or_else(|| "gpu_check.json".into());
-    let fixtures =
-        std::path::PathBuf::from(get("--fixtures").unwrap_or_else(|| "tests/fixtures".into()));
-    let quick = args.iter().any(|a| a == "--quick");
+    let Args {
+        out,
+        fixtures,
+        quick,
+    } = <Args as clap::Parser>::parse();
     let gpu = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {
@@ -377,6 +389,7 @@ fn main() -> Result<()> {
     let mut b = bench_kernels(&gpu, &mut rng, quick)?;
     b.extend(bench(&gpu, &mut rng, quick)?);
     b.extend(bench_vs_candle(&gpu, &mut r, &mut rng, quick)?);
+    b.extend(model_step(&gpu, &mut r, &mut rng, quick)?);
     let v = json!({"checks": r.rows, "failed": r.failed, "bench": b, "seconds": t0.elapsed().as_secs_f64()});
     std::fs::write(&out, serde_json::to_string_pretty(&v)?)?;
     println!("{} checks, {} failed; wrote {out}", r.rows.len(), r.failed);
