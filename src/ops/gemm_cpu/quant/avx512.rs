@@ -4,7 +4,7 @@
 //! residual, so the products keep ~16 bits of the f32 activation); FP8 bytes
 //! widen through f16 32 at a time.
 
-use super::super::bf16_avx512::{split_row, SplitRow};
+use super::super::bf16_avx512::{split_rows, SplitRow};
 use super::skinny::{for_row_blocks, fp8_block, Lanes};
 use super::*;
 use std::arch::x86_64::*;
@@ -34,7 +34,7 @@ pub(super) static MX_BF16_LUTS: LazyLock<Vec<ScaledLut>> = LazyLock::new(|| {
 /// products accumulate straight into (separate high / residual) sums.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn mx_block<const M: usize, const NW: usize>(
+unsafe fn mx_block<const M: usize, const NW: usize, const RES: bool>(
     rows: &[SplitRow],
     q: &[u8],
     scales: &[u8],
@@ -64,7 +64,9 @@ unsafe fn mx_block<const M: usize, const NW: usize>(
             let w: __m512bh = std::mem::transmute(_mm512_permutexvar_epi16(idx, lut));
             for m in 0..M {
                 acc_hi[m][j] = _mm512_dpbf16_ps(acc_hi[m][j], w, rows[m].hi[gi]);
-                acc_lo[m][j] = _mm512_dpbf16_ps(acc_lo[m][j], w, rows[m].lo[gi]);
+                if RES {
+                    acc_lo[m][j] = _mm512_dpbf16_ps(acc_lo[m][j], w, rows[m].lo[gi]);
+                }
             }
         }
     }
@@ -119,9 +121,9 @@ impl Lanes for __m512 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
-    let split: Vec<SplitRow> = match t.w {
-        PackedMat::Mxfp4 { k, .. } => t.a.iter().map(|&a| split_row(a, k).0).collect(),
-        PackedMat::Fp8 { .. } => vec![],
+    let (split, res): (Vec<SplitRow>, bool) = match t.w {
+        PackedMat::Mxfp4 { k, .. } => split_rows(t.a, k),
+        PackedMat::Fp8 { .. } => (vec![], false),
     };
     match t.w {
         PackedMat::Fp8 {
@@ -138,10 +140,16 @@ unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
                 |n, out| fp8_block::<__m512, M, 1>(t.a, w, shape, n, AHEAD_ROWS, out),
             )
         }
+        // bf16 activations (bf16 compute) have no residual to multiply
+        PackedMat::Mxfp4 { q, scales, k } if res => for_row_blocks::<M, NW>(
+            t,
+            |n, out| mx_block::<M, NW, true>(&split, q, scales, k, n, out),
+            |n, out| mx_block::<M, 1, true>(&split, q, scales, k, n, out),
+        ),
         PackedMat::Mxfp4 { q, scales, k } => for_row_blocks::<M, NW>(
             t,
-            |n, out| mx_block::<M, NW>(&split, q, scales, k, n, out),
-            |n, out| mx_block::<M, 1>(&split, q, scales, k, n, out),
+            |n, out| mx_block::<M, NW, false>(&split, q, scales, k, n, out),
+            |n, out| mx_block::<M, 1, false>(&split, q, scales, k, n, out),
         ),
     }
 }

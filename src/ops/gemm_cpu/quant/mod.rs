@@ -188,8 +188,21 @@ mod tests {
     ) {
         let k = w.k();
         let mut rng = Lcg(7);
-        for m in [1usize, 2, 3, 5, 13, 20] {
-            let mut a: Vec<f32> = (0..m * k).map(|_| rng.f()).collect();
+        // f32 activations, and bf16 ones (bf16 compute: no residual part)
+        for (m, bf16_act) in [1usize, 2, 3, 5, 13, 20]
+            .into_iter()
+            .flat_map(|m| [(m, false), (m, true)])
+        {
+            let mut a: Vec<f32> = (0..m * k)
+                .map(|_| {
+                    let v = rng.f();
+                    if bf16_act {
+                        half::bf16::from_f32(v).to_f32()
+                    } else {
+                        v
+                    }
+                })
+                .collect();
             if let Some(g) = act_group {
                 a.chunks_mut(k)
                     .for_each(|row| crate::format::fp8::fake_quant_fp8_groups(row, g));
