@@ -16,7 +16,18 @@ pub(crate) struct Sequence {
     pub table: BlockTable,
     pub params: RequestParams,
     pub sampler: Sampler,
-    /// Output text emitted so far (bytes of the decoded output).
+    /// The output decoded so far (whole characters), built incrementally.
+    text: String,
+    /// Output tokens `prefix_offset..read_offset` are the window the next
+    /// decode starts from (vLLM's incremental detokenizer): decoding it with
+    /// and without the new tokens and keeping the difference costs O(window)
+    /// per token, not O(output), and keeps decoders that treat a sequence's
+    /// first token specially (leading spaces) consistent.
+    prefix_offset: usize,
+    read_offset: usize,
+    /// Bytes of `text` searched for stop strings.
+    searched: usize,
+    /// Bytes of `text` emitted.
     emitted: usize,
     pub cached_tokens: usize,
 }
@@ -30,6 +41,10 @@ impl Sequence {
             table: BlockTable::new(),
             sampler: Sampler::new(params.sampling.clone()),
             params,
+            text: String::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            searched: 0,
             emitted: 0,
             cached_tokens: 0,
         }
@@ -79,36 +94,57 @@ impl Sequence {
         let Some(codec) = codec else {
             return Ok((finish, String::new()));
         };
-        let out = &self.tokens[self.prompt_len..];
-        let ids = if stop_token {
-            &out[..out.len() - 1]
-        } else {
-            out
-        };
-        let text = codec.decode(ids)?;
+        // a stop token adds no text
+        let out_len = self.output_len() - usize::from(stop_token);
+        self.detokenize(out_len, codec, finish.is_some())?;
+        let text = &self.text;
+        // stop strings: only where the new text can complete one
+        let longest = self.params.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut from = self.searched.saturating_sub(longest.saturating_sub(1));
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.searched = text.len();
         let mut end = text.len();
         if let Some(cut) = self
             .params
             .stop
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
+            .filter_map(|s| text[from..].find(s.as_str()).map(|p| from + p))
             .min()
         {
             end = cut;
             finish = Some(FinishReason::Stop);
         } else if finish.is_none() {
-            end = self.settled_end(&text);
+            end = self.settled_end(text);
         }
-        // a decoder that revised earlier text cannot take it back: emit on
         let start = self.emitted.min(end);
-        let delta = if text.is_char_boundary(start) && text.is_char_boundary(end) {
-            text[start..end].to_string()
-        } else {
-            String::new()
-        };
+        let delta = text[start..end].to_string();
         self.emitted = self.emitted.max(end);
         Ok((finish, delta))
+    }
+
+    /// Decodes output tokens up to `out_len` into `text`: the window since
+    /// the last decoded character, with and without the new tokens. An
+    /// incomplete character (U+FFFD at the end) waits for the next token
+    /// unless the request ends (`flush`).
+    fn detokenize(&mut self, out_len: usize, codec: &dyn TextCodec, flush: bool) -> Result<()> {
+        if out_len <= self.read_offset {
+            return Ok(());
+        }
+        let ids = &self.tokens[self.prompt_len..self.prompt_len + out_len];
+        let prefix = codec.decode(&ids[self.prefix_offset..self.read_offset])?;
+        let full = codec.decode(&ids[self.prefix_offset..])?;
+        if full.ends_with('\u{FFFD}') && !flush {
+            return Ok(());
+        }
+        // the window's own text, past what it decoded to before
+        let new = full.get(prefix.len()..).unwrap_or_default();
+        self.text.push_str(new);
+        self.prefix_offset = self.read_offset;
+        self.read_offset = out_len;
+        Ok(())
     }
 
     /// Where the text stops being final: before an incomplete character
@@ -205,5 +241,44 @@ mod tests {
                 Some(FinishReason::Stop)
             )
         );
+    }
+
+    /// Token by token, the deltas add up to the whole output decoded at
+    /// once: the Qwen byte-level tokenizer splits emoji and CJK characters
+    /// across tokens, and the test codec's two-token character too.
+    #[test]
+    fn incremental_text_equals_the_whole_decode() {
+        use crate::text::HfTokenizer;
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tiny-qwen2-moe/tokenizer.json");
+        let tok = HfTokenizer::from_file(std::path::Path::new(path)).unwrap();
+        let text = "Grüße 😀🎉 中文字符 and   spaces\n\ttabs — “quotes” 12345 ½ ĀĒĪŌŪ".repeat(8);
+        let ids = tok.encode(&text).unwrap();
+        assert!(ids.len() > 200, "{}", ids.len());
+        let mut s = Sequence::new(
+            1,
+            vec![0],
+            RequestParams {
+                max_tokens: ids.len(),
+                ..Default::default()
+            },
+        );
+        let mut got = String::new();
+        for (i, &t) in ids.iter().enumerate() {
+            let (f, d) = s.push(t, &[], 100_000, Some(&tok)).unwrap();
+            got.push_str(&d);
+            assert_eq!(f.is_some(), i + 1 == ids.len());
+        }
+        assert_eq!(got, text);
+        // the test codec, with its split character at random places
+        let mut toks = vec![];
+        for i in 0..60u32 {
+            toks.extend(if i % 7 == 3 {
+                vec![30, 31]
+            } else {
+                vec![i % 20]
+            });
+        }
+        let (d, _) = feed(&[], &toks);
+        assert_eq!(d.concat(), Chars.decode(&toks).unwrap());
     }
 }
