@@ -284,9 +284,11 @@ fn layout(specs: &[Spec], format: Format) -> Vec<Stored> {
                 shape: s.shape.clone(),
                 src: (i, 0),
             });
+            // in the weights' dtype (bf16), as llm-compressor and
+            // `--save-quantized` write them
             v.push(Stored {
                 name: format!("{}_scale", s.name),
-                dtype: "F32",
+                dtype: "BF16",
                 shape: vec![n.div_ceil(128), k.div_ceil(128)],
                 src: (i, 1),
             });
@@ -317,7 +319,7 @@ fn values(spec: &Spec, i: usize) -> Vec<f32> {
 fn make(t: &Stored, specs: &[Spec], cache: &mut Option<(usize, Vec<u8>, Vec<u8>)>) -> Vec<u8> {
     let (i, part) = t.src;
     let spec = &specs[i];
-    if t.dtype == "BF16" {
+    if part == 0 && t.dtype == "BF16" {
         return values(spec, i)
             .into_iter()
             .flat_map(|v| bf16::from_f32(v).to_bits().to_le_bytes())
@@ -327,12 +329,14 @@ fn make(t: &Stored, specs: &[Spec], cache: &mut Option<(usize, Vec<u8>, Vec<u8>)
         Some((j, q, s)) if *j == i => (q, s),
         slot => {
             let (n, k) = (spec.shape[0], spec.shape[1]);
-            let (q, s) = if t.dtype == "U8" {
+            let mxfp4 = t.dtype == "U8";
+            let (q, s) = if mxfp4 {
                 quantize_mxfp4(&values(spec, i), n, k)
             } else {
                 let (q, s) =
                     quantize_fp8_block(&values(spec, i), n, k, 128, 128, SourcePrecision::Bf16);
-                (q, s.iter().flat_map(|x| x.to_le_bytes()).collect())
+                let s = s.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes());
+                (q, s.collect())
             };
             let (_, q, s) = slot.insert((i, q, s));
             (q, s)
