@@ -335,7 +335,9 @@ fn make(t: &Stored, specs: &[Spec], cache: &mut Option<(usize, Vec<u8>, Vec<u8>)
             } else {
                 let (q, s) =
                     quantize_fp8_block(&values(spec, i), n, k, 128, 128, SourcePrecision::Bf16);
-                let s = s.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes());
+                let s = s
+                    .iter()
+                    .flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes());
                 (q, s.collect())
             };
             let (_, q, s) = slot.insert((i, q, s));
