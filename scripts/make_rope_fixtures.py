@@ -37,6 +37,16 @@ CASES = [
             "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
         },
     ),
+    # Qwen3's YaRN recipe: factor 4 over 32768 while max_position_embeddings is
+    # 40960 (an explicit factor wins over max_pos / original in transformers 5.x)
+    (
+        "qwen3_moe",
+        {
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 40960,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+        },
+    ),
     (
         "qwen3_moe",
         {

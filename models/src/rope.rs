@@ -31,19 +31,20 @@ fn err(key: &str, what: impl std::fmt::Display) -> ModelError {
 }
 
 /// `obj[name]` as a number (`None` when absent or null); errors name `key.name`.
+/// `key` empty: a top-level key.
 fn num(obj: &Value, key: &str, name: &str) -> Result<Option<f64>> {
+    let path = if key.is_empty() {
+        name.to_string()
+    } else {
+        format!("{key}.{name}")
+    };
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(x) => x
             .as_f64()
             .filter(|f| f.is_finite())
             .map(Some)
-            .ok_or_else(|| {
-                err(
-                    &format!("{key}.{name}"),
-                    format!("must be a number, got {x}"),
-                )
-            }),
+            .ok_or_else(|| err(&path, format!("must be a number, got {x}"))),
     }
 }
 

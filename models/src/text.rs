@@ -61,6 +61,8 @@ fn check_bpe_merges(model: &serde_json::Value) -> std::result::Result<(), String
     };
     for (i, m) in merges.iter().enumerate() {
         let (a, b) = match m {
+            // the merges file's version line, which the crate skips
+            Value::String(s) if s.starts_with("#version") => continue,
             Value::String(s) => match s.split_once(' ') {
                 Some(p) => p,
                 None => continue,
@@ -100,5 +102,27 @@ impl TextCodec for HfTokenizer {
     }
     fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_bpe_merges;
+    use serde_json::json;
+
+    #[test]
+    fn merges_are_checked_as_the_tokenizers_crate_reads_them() {
+        let model =
+            |merges| json!({"vocab": {"a": 0, "b": 1, "ab": 2, "##b": 3}, "merges": merges});
+        // the version line is skipped; pairs as strings or arrays
+        assert!(check_bpe_merges(&model(json!(["#version: 0.2", "a b", ["a", "b"]]))).is_ok());
+        let e = check_bpe_merges(&model(json!(["a ab"]))).unwrap_err();
+        assert!(e.contains("merges[0]") && e.contains("`aab`"), "{e}");
+        let mut m = model(json!(["a ##b"]));
+        m["continuing_subword_prefix"] = json!("##");
+        assert!(check_bpe_merges(&m).is_ok());
+        m["merges"] = json!(["a b"]);
+        let e = check_bpe_merges(&m).unwrap_err();
+        assert!(e.contains("continuing_subword_prefix"), "{e}");
     }
 }

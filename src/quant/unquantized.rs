@@ -127,39 +127,22 @@ impl QuantMethod for Unquantized {
 
     fn expert_tensors(&self, s: &ExpertLayerSpec) -> Vec<TensorSpec> {
         let (h, i) = (s.hidden_size, s.intermediate_size);
-        let mut v = vec![
-            TensorSpec {
-                name: "{e}.gate_proj.weight".into(),
+        let p = &s.names.proj;
+        let parts = [(&p.gate, i, h), (&p.up, i, h), (&p.down, h, i)];
+        let mut v: Vec<TensorSpec> = parts
+            .iter()
+            .map(|&(name, n, k)| TensorSpec {
+                name: format!("{{e}}.{name}.weight"),
                 dtype: None,
-                shape: vec![i, h],
-            },
-            TensorSpec {
-                name: "{e}.up_proj.weight".into(),
-                dtype: None,
-                shape: vec![i, h],
-            },
-            TensorSpec {
-                name: "{e}.down_proj.weight".into(),
-                dtype: None,
-                shape: vec![h, i],
-            },
-        ];
+                shape: vec![n, k],
+            })
+            .collect();
         if s.has_bias {
-            v.push(TensorSpec {
-                name: "{e}.gate_proj.bias".into(),
+            v.extend(parts.iter().map(|&(name, n, _)| TensorSpec {
+                name: format!("{{e}}.{name}.bias"),
                 dtype: None,
-                shape: vec![i],
-            });
-            v.push(TensorSpec {
-                name: "{e}.up_proj.bias".into(),
-                dtype: None,
-                shape: vec![i],
-            });
-            v.push(TensorSpec {
-                name: "{e}.down_proj.bias".into(),
-                dtype: None,
-                shape: vec![h],
-            });
+                shape: vec![n],
+            }));
         }
         v
     }

@@ -61,7 +61,8 @@ pub(crate) unsafe fn split_row(a: *const f32, k: usize) -> (SplitRow, bool) {
     for g in 0..groups {
         let c = 32 * g;
         let x0 = _mm512_maskz_loadu_ps(mask16(k - c), a.add(c));
-        let x1 = _mm512_maskz_loadu_ps(mask16(k.saturating_sub(c + 16)), a.add(c + 16));
+        // wrapping: past the row's end the mask loads nothing
+        let x1 = _mm512_maskz_loadu_ps(mask16(k.saturating_sub(c + 16)), a.wrapping_add(c + 16));
         let h = _mm512_cvtne2ps_pbh(x1, x0);
         let [h0, h1] = widen_bf16(h);
         let (r0, r1) = (_mm512_sub_ps(x0, h0), _mm512_sub_ps(x1, h1));

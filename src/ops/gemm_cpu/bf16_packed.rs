@@ -142,7 +142,7 @@ unsafe fn tile<const M: usize>(
         let lo = mask16(cols);
         let hi = mask16(cols.saturating_sub(16));
         _mm512_mask_storeu_ps(c[r], lo, acc[r][0]);
-        _mm512_mask_storeu_ps(c[r].add(16), hi, acc[r][1]);
+        _mm512_mask_storeu_ps(c[r].wrapping_add(16), hi, acc[r][1]);
     }
 }
 

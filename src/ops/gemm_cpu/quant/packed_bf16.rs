@@ -161,7 +161,12 @@ unsafe fn tile<const M: usize, const RES: bool, const ROW_SCALES: bool>(
     }
     for r in 0..M {
         _mm512_mask_storeu_ps(c[r], mask16(cols), acc[r][0]);
-        _mm512_mask_storeu_ps(c[r].add(16), mask16(cols.saturating_sub(16)), acc[r][1]);
+        // (wrapping: past a narrow strip's end the mask stores nothing)
+        _mm512_mask_storeu_ps(
+            c[r].wrapping_add(16),
+            mask16(cols.saturating_sub(16)),
+            acc[r][1],
+        );
     }
 }
 
