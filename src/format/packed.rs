@@ -81,6 +81,24 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
+    /// Scales of one `[n, k]` matrix (0 for float formats).
+    pub fn scales_per_matrix(self, n: usize, k: usize) -> usize {
+        match self {
+            Self::Fp8 { bn, bk } => n.div_ceil(bn.max(1)) * k.div_ceil(bk.max(1)),
+            Self::Mxfp4 => n * k / MX_GROUP,
+            _ => 0,
+        }
+    }
+
+    /// The dtype its scales are stored in (`None` for float formats).
+    pub fn scale_dtype(self) -> Option<DType> {
+        match self {
+            Self::Fp8 { .. } => Some(DType::F32),
+            Self::Mxfp4 => Some(DType::U8),
+            _ => None,
+        }
+    }
+
     /// The format of weights stored as `dtype`, packed as `packed` says;
     /// `None` for a combination no kernel reads.
     pub fn of(dtype: DType, packed: Option<&PackedWeights>) -> Option<Self> {
@@ -154,6 +172,13 @@ pub enum PackedMat<'a> {
 }
 
 impl PackedMat<'_> {
+    pub fn format(&self) -> WeightFormat {
+        match *self {
+            Self::Fp8 { bn, bk, .. } => WeightFormat::Fp8 { bn, bk },
+            Self::Mxfp4 { .. } => WeightFormat::Mxfp4,
+        }
+    }
+
     pub fn k(&self) -> usize {
         match *self {
             Self::Fp8 { k, .. } | Self::Mxfp4 { k, .. } => k,
@@ -215,7 +240,7 @@ impl PackedMat<'_> {
                         "fp8 block size along K ({bk}) must be a multiple of 16 or cover K ({k})"
                     ));
                 }
-                if q.len() < n * k || scales.len() < n.div_ceil(bn) * k.div_ceil(bk) {
+                if q.len() < n * k || scales.len() < self.format().scales_per_matrix(n, k) {
                     return Err("fp8 weights or scales too short".into());
                 }
             }
@@ -223,7 +248,7 @@ impl PackedMat<'_> {
                 if !k.is_multiple_of(MX_GROUP) {
                     return Err(format!("mxfp4 needs K ({k}) to be a multiple of 32"));
                 }
-                if q.len() < n * k / 2 || scales.len() < n * k / MX_GROUP {
+                if q.len() < n * k / 2 || scales.len() < self.format().scales_per_matrix(n, k) {
                     return Err("mxfp4 weights or scales too short".into());
                 }
             }

@@ -15,8 +15,7 @@ use super::gemm_cpu::quant::{qgemm_tile, QTile};
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
 use super::{contiguous, SendPtr};
 use crate::format::fp8::fake_quant_fp8_groups;
-use crate::format::mxfp4::MX_GROUP;
-use crate::format::{PackedMat, PackedWeights};
+use crate::format::{PackedMat, PackedWeights, WeightFormat};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
@@ -360,7 +359,7 @@ pub(crate) fn quant_mats<'a>(
         PackedWeights::Fp8 { block, .. } => {
             let (bn, bk) = *block;
             let scales = contiguous::<f32>(sc, sl, "fp8 weight scales")?;
-            let per = n.div_ceil(bn.max(1)) * k.div_ceil(bk.max(1));
+            let per = WeightFormat::Fp8 { bn, bk }.scales_per_matrix(n, k);
             if scales.len() != e_local * per || w.len() != e_local * n * k {
                 bail!(
                     "fp8 weights ({} bytes) / scales ({}) do not fit [{e_local}, {n}, {k}] with block {bn}x{bk}",
@@ -380,7 +379,7 @@ pub(crate) fn quant_mats<'a>(
         }
         PackedWeights::Mxfp4 { .. } => {
             let scales = contiguous::<u8>(sc, sl, "mxfp4 weight scales")?;
-            let (pw, ps) = (n * k / 2, n * k / MX_GROUP);
+            let (pw, ps) = (n * k / 2, WeightFormat::Mxfp4.scales_per_matrix(n, k));
             if scales.len() != e_local * ps || w.len() != e_local * pw {
                 bail!(
                     "mxfp4 weights ({} bytes) / scales ({}) do not fit [{e_local}, {n}, {k}]",

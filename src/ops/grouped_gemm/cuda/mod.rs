@@ -226,22 +226,19 @@ pub(crate) fn check_scales(
     count: usize,
     (e_local, n, k): (usize, usize, usize),
 ) -> Result<()> {
-    use candle_core::DType;
-    let (want, want_dt) = match fmt {
-        WeightFormat::Fp8 { bn, bk } => {
-            if bn == 0 || bk == 0 {
-                candle_core::bail!("grouped gemm: fp8 block {bn}x{bk} must be positive");
-            }
-            (e_local * n.div_ceil(bn) * k.div_ceil(bk), DType::F32)
+    match fmt {
+        WeightFormat::Fp8 { bn, bk } if bn == 0 || bk == 0 => {
+            candle_core::bail!("grouped gemm: fp8 block {bn}x{bk} must be positive")
         }
-        WeightFormat::Mxfp4 => {
-            if !k.is_multiple_of(32) {
-                candle_core::bail!("grouped gemm: mxfp4 needs K % 32 == 0, got {k}")
-            }
-            (e_local * n * k / 32, DType::U8)
+        WeightFormat::Mxfp4 if !k.is_multiple_of(32) => {
+            candle_core::bail!("grouped gemm: mxfp4 needs K % 32 == 0, got {k}")
         }
-        _ => candle_core::bail!("grouped gemm: {} weights have no scales", fmt.name()),
+        _ => {}
+    }
+    let Some(want_dt) = fmt.scale_dtype() else {
+        candle_core::bail!("grouped gemm: {} weights have no scales", fmt.name())
     };
+    let want = e_local * fmt.scales_per_matrix(n, k);
     if count != want || dtype != want_dt {
         candle_core::bail!(
             "grouped gemm: {} scales are {dtype:?} x {count}, expected {want_dt:?} x {want} for [{e_local}, {n}, {k}]",
