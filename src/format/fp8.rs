@@ -212,6 +212,12 @@ static BF16_TO_E4M3: LazyLock<Box<[u8; 65536]>> = LazyLock::new(|| {
     t
 });
 
+/// The scale of a dynamic activation group whose largest magnitude is
+/// `amax`: it maps `amax` to 448 (the floor keeps an all-zero group finite).
+pub fn act_group_scale(amax: f32) -> f32 {
+    amax.max(1e-10) / E4M3_MAX
+}
+
 /// Fake-quantizes `x` in place per group of `group` consecutive values, as a
 /// dynamic per-token-group FP8 activation quantizer does (vLLM
 /// `per_token_group_quant_fp8`, compressed-tensors dynamic `group`):
@@ -219,7 +225,7 @@ static BF16_TO_E4M3: LazyLock<Box<[u8; 65536]>> = LazyLock::new(|| {
 pub fn fake_quant_fp8_groups(x: &mut [f32], group: usize) {
     for g in x.chunks_mut(group.max(1)) {
         let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = amax.max(1e-10) / E4M3_MAX;
+        let s = act_group_scale(amax);
         for v in g.iter_mut() {
             *v = round_to_e4m3(*v / s) * s;
         }

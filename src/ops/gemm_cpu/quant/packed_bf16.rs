@@ -192,7 +192,7 @@ unsafe fn code_row(a: *const f32, k: usize, group: usize) -> ActRow {
             let v = _mm512_maskz_loadu_ps(mask16(c1 - c), a.add(c));
             m = _mm512_max_ps(m, _mm512_abs_ps(v));
         }
-        let s = _mm512_reduce_max_ps(m).max(1e-10) / crate::format::fp8::E4M3_MAX;
+        let s = crate::format::fp8::act_group_scale(_mm512_reduce_max_ps(m));
         // a multiply by 1/s is within a few f32 ulps of the code: the bf16
         // rounding below removes them
         let inv = _mm512_set1_ps(1.0 / s);
