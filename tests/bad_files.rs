@@ -159,6 +159,18 @@ fn mutate_json(v: &mut Value, rng: &mut Rng) {
     }
 }
 
+/// `text` truncated at a random byte, or with one random bit flipped.
+fn damage(text: &str, truncate: bool, rng: &mut Rng) -> String {
+    let mut b = text.as_bytes().to_vec();
+    if truncate {
+        b.truncate(rng.below(b.len()));
+    } else {
+        let p = rng.below(b.len());
+        b[p] ^= 1 << rng.below(8);
+    }
+    String::from_utf8_lossy(&b).into_owned()
+}
+
 fn tmp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("candle-moe-bad-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -186,14 +198,7 @@ fn mutated_configs_load_or_fail_cleanly() {
                 }
                 c.to_string()
             } else {
-                let mut b = base.to_string().into_bytes();
-                if i % 2 == 0 {
-                    b.truncate(rng.below(b.len()));
-                } else {
-                    let p = rng.below(b.len());
-                    b[p] ^= 1 << rng.below(8);
-                }
-                String::from_utf8_lossy(&b).into_owned()
+                damage(&base.to_string(), i % 2 == 0, &mut rng)
             };
             std::fs::write(dir.join("config.json"), &text).unwrap();
             match load_and_run(&dir) {
@@ -439,14 +444,7 @@ fn mutated_tokenizers_load_or_fail_cleanly() {
             }
             t.to_string()
         } else {
-            let mut b = base.to_string().into_bytes();
-            if i % 2 == 0 {
-                b.truncate(rng.below(b.len()));
-            } else {
-                let p = rng.below(b.len());
-                b[p] ^= 1 << rng.below(8);
-            }
-            String::from_utf8_lossy(&b).into_owned()
+            damage(&base.to_string(), i % 2 == 0, &mut rng)
         };
         std::fs::write(&path, &text).unwrap();
         match tokenize(&path) {
