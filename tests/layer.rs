@@ -472,6 +472,22 @@ fn model_files_name_their_tensors() {
         ..cfg.clone()
     };
     assert_eq!(run(&mixtral, &mixtral_cfg).unwrap(), want);
+    // the tensors the method says it reads carry the same names
+    use candle_moe::quant::{ExpertLayerSpec, QuantMethod, Unquantized};
+    let spec = ExpertLayerSpec {
+        hidden_size: c.h,
+        intermediate_size: c.i,
+        global_num_experts: c.e,
+        has_bias: false,
+        activation: Activation::Silu,
+        names: mixtral_cfg.names.expert.clone(),
+    };
+    let listed: Vec<String> = Unquantized
+        .expert_tensors(&spec)
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(listed, ["{e}.w1.weight", "{e}.w3.weight", "{e}.w2.weight"]);
     let e = run(&mixtral, &cfg).unwrap_err();
     assert!(e.contains("experts.0.gate_proj"), "{e}");
     // DeepSeek's plural shared experts
