@@ -167,6 +167,11 @@ fn time_runs(
     Ok(best)
 }
 
+/// Weights on transparent huge pages: decode streams them ~20 % faster here
+/// (candle_moe::huge_pages).
+#[global_allocator]
+static ALLOC: candle_moe::HugePageAlloc = candle_moe::HugePageAlloc;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let (h, heads, inter, moe_i, shared, e, k, vocab) = DIMS;

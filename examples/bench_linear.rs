@@ -55,6 +55,11 @@ fn median_ms(reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     Ok(t[t.len() / 2])
 }
 
+/// Weights on transparent huge pages: decode streams them ~20 % faster here
+/// (candle_moe::huge_pages).
+#[global_allocator]
+static ALLOC: candle_moe::HugePageAlloc = candle_moe::HugePageAlloc;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let dev = Device::Cpu;

@@ -79,6 +79,11 @@ impl Args {
     }
 }
 
+/// Weights on transparent huge pages: decode streams them ~20 % faster here
+/// (candle_moe::huge_pages).
+#[global_allocator]
+static ALLOC: candle_moe::HugePageAlloc = candle_moe::HugePageAlloc;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let o = args.model.open(Path::new(BUNDLED))?;

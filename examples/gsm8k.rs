@@ -76,6 +76,11 @@ struct Args {
     out: Option<PathBuf>,
 }
 
+/// Weights on transparent huge pages: decode streams them ~20 % faster here
+/// (candle_moe::huge_pages).
+#[global_allocator]
+static ALLOC: candle_moe::HugePageAlloc = candle_moe::HugePageAlloc;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let data = data_dir(args.data_dir.as_deref())?;

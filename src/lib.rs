@@ -45,6 +45,7 @@ pub mod dist;
 pub mod error;
 pub mod expert_map;
 pub mod format;
+pub mod huge_pages;
 pub mod layer;
 pub mod modular;
 pub mod names;
@@ -54,6 +55,7 @@ pub mod router;
 
 pub use error::{MoeError, Result};
 pub use expert_map::{EpConfig, ExpertMapManager, PlacementStrategy};
+pub use huge_pages::HugePageAlloc;
 pub use layer::{FusedMoe, FusedMoeConfig, GatedMlp, SharedExperts, SparseMoeBlock};
 pub use modular::{ExpertTokensMetadata, FusedMoeKernel};
 pub use names::{ExpertNames, MoeNames, ProjNames};

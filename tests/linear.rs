@@ -77,6 +77,13 @@ const CASES: &[Case] = &[
         n: 50,
         k: 160,
     },
+    // 4–11 rows run the dot-product kernel in chunks of 3; K with 16-, 8-
+    // and scalar tails
+    Case {
+        m: 11,
+        n: 40,
+        k: 1051,
+    },
     Case {
         m: 100,
         n: 140,

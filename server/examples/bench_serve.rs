@@ -77,6 +77,11 @@ fn one(url: &str, prompt: Vec<u32>, gen: usize) -> Result<Run> {
     })
 }
 
+/// Weights on transparent huge pages: decode streams them ~20 % faster here
+/// (candle_moe::huge_pages).
+#[global_allocator]
+static ALLOC: candle_moe::HugePageAlloc = candle_moe::HugePageAlloc;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let ck = Checkpoint::open(&args.model)?;

@@ -3,9 +3,10 @@
 //! stored row-major `[N, K]` in f32, bf16 or f16.
 //!
 //! Two kernels, both reading the weights in their stored form:
-//! - *skinny* (≤ 3 rows, decode): dot products of 4 weight rows at a time
-//!   against each activation row, widening the weights in registers; reads
-//!   every weight byte once, which is what a memory-bound step needs.
+//! - *dot products* (fewer than [`PACKED_MIN_ROWS`] rows: decode and small
+//!   expert segments, `gemv_avx2`): weight rows one after another, widened
+//!   in registers, against chunks of ≤ 3 activation rows; every weight byte
+//!   comes from memory once, which is what a memory-bound step needs.
 //! - *packed* (more rows): a 16-column strip of W is widened and transposed
 //!   into an L1-sized panel, then a 6×16 register-blocked FMA kernel runs over
 //!   groups of 6 rows (the classic BLIS shape).
@@ -16,6 +17,8 @@
 pub(crate) mod bf16_avx512;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16_packed;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod gemv_avx2;
 pub(crate) mod quant;
 
 use half::{bf16, f16};
@@ -142,6 +145,11 @@ impl WeightElem for f16 {
 
 /// Rows handled by the skinny kernel at most.
 pub const SKINNY_MAX_ROWS: usize = 3;
+/// Rows from which the AVX2 packed kernel over float weights beats the
+/// dot-product kernel run over chunks of 3 rows (bench_linear, 1408×2048 and
+/// 2048×2048 bf16: 4 rows 0.41–0.46 ms against 0.73–0.88 packed; 12 rows
+/// about even).
+pub(crate) const PACKED_MIN_ROWS: usize = 12;
 pub(crate) const MR: usize = 6;
 pub(crate) const NR: usize = 16;
 /// K block of the packed kernel: a 16 × 256 f32 panel is 16 KiB (half an L1).
@@ -197,8 +205,8 @@ pub unsafe fn gemm_tile<W: WeightElem>(t: &Tile<'_, W>) {
 pub(crate) unsafe fn gemm_tile_avx2<W: WeightElem>(t: &Tile<'_, W>) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        if t.a.len() <= SKINNY_MAX_ROWS {
-            return avx2::skinny(t);
+        if t.a.len() < PACKED_MIN_ROWS {
+            return gemv_avx2::gemm(t);
         }
         return avx2::packed(t);
     }
@@ -231,92 +239,6 @@ pub(crate) mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
-    }
-
-    /// Dot products of `NW` weight rows with `M` activation rows.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn skinny_block<W: WeightElem, const M: usize, const NW: usize>(
-        a: &[*const f32],
-        w: &[W],
-        k: usize,
-        n: usize,
-        out: &mut [[f32; NW]; M],
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); NW]; M];
-        let wp: [*const W; NW] = std::array::from_fn(|j| w.as_ptr().add((n + j) * k));
-        let k8 = k & !7;
-        let k32 = k & !31;
-        // 32 elements per row per step: a whole cache line of bf16 per row in flight
-        let mut kk = 0;
-        while kk < k32 {
-            for u in 0..2 {
-                let q = kk + 16 * u;
-                let wv: [[__m256; 2]; NW] = std::array::from_fn(|j| W::load16(wp[j].add(q)));
-                for m in 0..M {
-                    let av = permute16(a[m].add(q), W::PERMUTED16);
-                    for j in 0..NW {
-                        acc[m][j] = _mm256_fmadd_ps(wv[j][0], av[0], acc[m][j]);
-                        acc[m][j] = _mm256_fmadd_ps(wv[j][1], av[1], acc[m][j]);
-                    }
-                }
-            }
-            kk += 32;
-        }
-        while kk < k8 {
-            let wv: [__m256; NW] = std::array::from_fn(|j| W::load8(wp[j].add(kk)));
-            for m in 0..M {
-                let av = _mm256_loadu_ps(a[m].add(kk));
-                for j in 0..NW {
-                    acc[m][j] = _mm256_fmadd_ps(wv[j], av, acc[m][j]);
-                }
-            }
-            kk += 8;
-        }
-        for m in 0..M {
-            for j in 0..NW {
-                let mut s = hsum(acc[m][j]);
-                for q in k8..k {
-                    s += *a[m].add(q) * (*wp[j].add(q)).to_f32();
-                }
-                out[m][j] = s;
-            }
-        }
-    }
-
-    /// `M` activation rows against `NW` weight rows at a time; NW shrinks as
-    /// M grows so accumulators, weights and activations fit 16 registers.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn skinny_m<W: WeightElem, const M: usize, const NW: usize>(t: &Tile<'_, W>) {
-        let mut n = t.n0;
-        while n + NW <= t.n1 {
-            let mut out = [[0f32; NW]; M];
-            skinny_block::<W, M, NW>(t.a, t.w, t.k, n, &mut out);
-            for (c, o) in t.c.iter().zip(&out) {
-                for (j, v) in o.iter().enumerate() {
-                    *c.add(n - t.n0 + j) = *v;
-                }
-            }
-            n += NW;
-        }
-        while n < t.n1 {
-            let mut out = [[0f32; 1]; M];
-            skinny_block::<W, M, 1>(t.a, t.w, t.k, n, &mut out);
-            for (c, o) in t.c.iter().zip(&out) {
-                *c.add(n - t.n0) = o[0];
-            }
-            n += 1;
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn skinny<W: WeightElem>(t: &Tile<'_, W>) {
-        match t.a.len() {
-            0 => {}
-            1 => skinny_m::<W, 1, 4>(t),
-            2 => skinny_m::<W, 2, 2>(t),
-            _ => skinny_m::<W, 3, 2>(t),
-        }
     }
 
     #[inline]

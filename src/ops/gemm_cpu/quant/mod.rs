@@ -59,6 +59,15 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Rows from which decoding weight strips into panels for the packed
+    /// kernel beats running the decode kernel over chunks of 3 rows.
+    fn packed_min_rows(self) -> usize {
+        match self {
+            Isa::Avx512Bf16 => 12,
+            _ => 8,
+        }
+    }
+
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
@@ -85,12 +94,6 @@ impl Isa {
     }
 }
 
-/// Rows from which the AVX-512 prefill beats the decode kernel run over
-/// chunks of 3 rows: decoding a strip into the bf16 panel costs about what
-/// three decode passes do (bench_linear, 1408×2048 / 2048×1408 / 5632×2048:
-/// the decode passes win at 4 and 8 rows, the prefill from 16).
-const PACKED_MIN_ROWS: usize = 12;
-
 /// [`qgemm_tile`] with an explicit instruction set.
 ///
 /// # Safety
@@ -98,20 +101,23 @@ const PACKED_MIN_ROWS: usize = 12;
 pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        Isa::Avx512Bf16 if t.a.len() < PACKED_MIN_ROWS => {
-            // the decode kernel over chunks of its rows
+        // few rows: the decode kernel over chunks of its rows (the tile's
+        // weights stay in L2 after the first chunk); decoding a strip into a
+        // panel costs about what three AVX-512 decode passes do, two AVX2
+        // ones (bench_linear, 1408×2048 / 2048×2048 / 5632×2048)
+        Isa::Avx512Bf16 | Isa::Avx2 if t.a.len() < isa.packed_min_rows() => {
             for (a, c) in t.a.chunks(SKINNY_MAX_ROWS).zip(t.c.chunks(SKINNY_MAX_ROWS)) {
-                avx512::skinny(&QTile { a, c, ..*t });
+                let chunk = QTile { a, c, ..*t };
+                if isa == Isa::Avx512Bf16 {
+                    avx512::skinny(&chunk)
+                } else {
+                    avx2::skinny(&chunk)
+                }
             }
             return;
         }
         Isa::Avx512Bf16 if packed_bf16::supports(&t.w) => return packed_bf16::gemm(t),
-        Isa::Avx2 | Isa::Avx512Bf16 => {
-            if t.a.len() <= SKINNY_MAX_ROWS {
-                return avx2::skinny(t);
-            }
-            return avx2::packed(t);
-        }
+        Isa::Avx2 | Isa::Avx512Bf16 => return avx2::packed(t),
         Isa::Portable => {}
     }
     portable(t)
