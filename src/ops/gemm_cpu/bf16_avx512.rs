@@ -200,20 +200,8 @@ pub(crate) unsafe fn skinny_split(t: &Tile<'_, bf16>, rows: &[SplitRow], res: bo
 
 #[cfg(test)]
 mod tests {
-    use super::super::{gemm_tile_avx2, Tile};
+    use super::super::{gemm_tile_avx2, test_rand as rand, Tile};
     use half::bf16;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
 
     /// Against an f64 reference and the AVX2 kernel, with f32 activations
     /// (residuals) and bf16-exact ones, K with and without a 32-tail.

@@ -1,10 +1,10 @@
 //! Decode and small-batch kernel for float weights on AVX2: the weight rows
-//! of a tile are read one after another, in address order, so the whole tile is
-//! one sequential stream. Reading four rows side by side (4 KiB apart for a
-//! 2048-wide bf16 matrix, the same L1 set) streamed 16 GB/s for bf16
-//! `lm_head` where this reads ~26 (BENCHMARKS.md). Each (activation row,
-//! 8-lane slot) pair keeps its own accumulator, so one weight row alone has
-//! four independent FMA chains.
+//! of a tile are read one after another, in address order, so the whole tile
+//! is one sequential stream (as the AVX-512 decode kernel reads them). Each
+//! (activation row, 8-lane slot) pair keeps its own accumulator, so one
+//! weight row alone has four independent FMA chains. For 4–11 rows it beats
+//! packing panels (BENCHMARKS.md); for decode it streams as the four-rows-
+//! side-by-side kernel it replaced did (15–16 GB/s on a bf16 `lm_head`).
 
 use super::{Tile, WeightElem};
 use std::arch::x86_64::*;
@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 /// Activation rows in the lane order of `W::load16` (a copy only when that
 /// order is permuted), 16-element blocks; the tail past the last full block
 /// keeps its natural order.
-pub(crate) struct Rows {
+struct Rows {
     copies: Vec<Vec<f32>>,
 }
 
@@ -20,7 +20,7 @@ impl Rows {
     /// # Safety
     /// Every pointer of `a` addresses `k` readable f32; AVX2 is available.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn new<W: WeightElem>(a: &[*const f32], k: usize) -> Self {
+    unsafe fn new<W: WeightElem>(a: &[*const f32], k: usize) -> Self {
         if !W::PERMUTED16 {
             return Self { copies: Vec::new() };
         }
@@ -161,20 +161,8 @@ pub(crate) unsafe fn gemm<W: WeightElem>(t: &Tile<'_, W>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{has_avx2, Tile, WeightElem};
+    use super::super::{has_avx2, test_rand as rand, Tile, WeightElem};
     use half::{bf16, f16};
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
 
     /// Every row count the kernel takes (1 to 11: one chunk, several, and a
     /// last chunk of 1 or 2), K with and without 32/16/8/scalar tails, N past

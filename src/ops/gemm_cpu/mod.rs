@@ -143,6 +143,20 @@ impl WeightElem for f16 {
     }
 }
 
+/// Deterministic values in [-0.5, 0.5) for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
 /// Rows handled by the skinny kernel at most.
 pub const SKINNY_MAX_ROWS: usize = 3;
 /// Rows from which the AVX2 packed kernel over float weights beats the

@@ -60,7 +60,10 @@ pub enum Isa {
 
 impl Isa {
     /// Rows from which decoding weight strips into panels for the packed
-    /// kernel beats running the decode kernel over chunks of 3 rows.
+    /// kernel beats running the decode kernel over chunks of 3 rows
+    /// (bench_linear, 1408×2048 / 2048×2048 / 5632×2048: on AVX-512 the
+    /// decode passes win at 4 and 8 rows, the panels from 16; on AVX2 the
+    /// decode passes win at 4–7 rows, the panels from 8).
     fn packed_min_rows(self) -> usize {
         match self {
             Isa::Avx512Bf16 => 12,
