@@ -1,15 +1,9 @@
-//! AVX2 + FMA + F16C kernels of the quantized GEMM.
+//! AVX2 + FMA + F16C prefill of the quantized GEMM: weight strips decoded
+//! into the f32 panels of the dense 6×16 kernel.
 
-use super::super::avx2::{hsum, kernel_6x16, transpose8};
-use super::skinny::{for_row_blocks, fp8_block, Lanes};
+use super::super::avx2::{kernel_6x16, transpose8};
 use super::*;
 use std::arch::x86_64::*;
-
-/// The decode kernels prefetch the rows this many rows ahead, at the
-/// position they are reading: the hardware prefetcher alone leaves them
-/// waiting on loads (~2× slower). Addresses past the matrix are fine for a
-/// prefetch (never dereferenced; `wrapping_add` keeps the arithmetic defined).
-const AHEAD_ROWS: usize = 4;
 
 /// 16 e4m3 bytes → 16 f32 equal to the values / 256.
 #[inline]
@@ -43,114 +37,6 @@ unsafe fn mx_dec32(p: *const u8) -> [__m256; 4] {
         cvt(v1),
         cvt(_mm_srli_si128::<8>(v1)),
     ]
-}
-
-impl Lanes for __m256 {
-    const WIDTH: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        _mm256_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn splat(x: f32) -> Self {
-        _mm256_set1_ps(x)
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        _mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
-        _mm256_fmadd_ps(a, b, c)
-    }
-    #[inline(always)]
-    unsafe fn sum(self) -> f32 {
-        hsum(self)
-    }
-    #[inline(always)]
-    unsafe fn fp8_decode(p: *const u8) -> [Self; 2] {
-        fp8_dec16(p)
-    }
-}
-
-/// MXFP4: dot products of `NW` rows from `n` with `M` activation rows.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn mx_block<const M: usize, const NW: usize>(
-    a: &[*const f32],
-    q: &[u8],
-    scales: &[u8],
-    k: usize,
-    n: usize,
-    out: &mut [[f32; NW]; M],
-) {
-    let half = &*MX_HALF_SCALE;
-    let mut acc = [[_mm256_setzero_ps(); NW]; M];
-    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k / 2));
-    let sp: [*const u8; NW] = std::array::from_fn(|j| scales.as_ptr().add((n + j) * k / MX_GROUP));
-    for gi in 0..k / MX_GROUP {
-        if gi % 4 == 0 {
-            for p in wp {
-                _mm_prefetch::<_MM_HINT_T0>(
-                    p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8
-                );
-            }
-        }
-        let wv: [[__m256; 4]; NW] = std::array::from_fn(|j| mx_dec32(wp[j].add(gi * 16)));
-        for m in 0..M {
-            let ap = a[m].add(gi * MX_GROUP);
-            let av: [__m256; 4] = std::array::from_fn(|u| _mm256_loadu_ps(ap.add(8 * u)));
-            for j in 0..NW {
-                let g0 = _mm256_fmadd_ps(wv[j][1], av[1], _mm256_mul_ps(wv[j][0], av[0]));
-                let g1 = _mm256_fmadd_ps(wv[j][3], av[3], _mm256_mul_ps(wv[j][2], av[2]));
-                let s = _mm256_set1_ps(half[*sp[j].add(gi) as usize]);
-                acc[m][j] = _mm256_fmadd_ps(_mm256_add_ps(g0, g1), s, acc[m][j]);
-            }
-        }
-    }
-    for m in 0..M {
-        for j in 0..NW {
-            out[m][j] = hsum(acc[m][j]);
-        }
-    }
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block<const M: usize, const NW: usize>(
-    t: &QTile<'_>,
-    n: usize,
-    out: &mut [[f32; NW]; M],
-) {
-    match t.w {
-        PackedMat::Fp8 {
-            q,
-            scales,
-            k,
-            bn,
-            bk,
-        } => fp8_block::<__m256, M, NW>(t.a, (q, scales), (k, bn, bk), n, AHEAD_ROWS, out),
-        PackedMat::Mxfp4 { q, scales, k } => mx_block::<M, NW>(t.a, q, scales, k, n, out),
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
-    for_row_blocks::<M, NW>(
-        t,
-        |n, out| block::<M, NW>(t, n, out),
-        |n, out| block::<M, 1>(t, n, out),
-    )
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn skinny(t: &QTile<'_>) {
-    match t.a.len() {
-        0 => {}
-        1 => skinny_m::<1, 4>(t),
-        2 => skinny_m::<2, 2>(t),
-        _ => skinny_m::<3, 2>(t),
-    }
 }
 
 /// Decodes `out.len()` values of row `n` from column `k0` (a multiple of

@@ -2,16 +2,15 @@
 //! `C[r, n] = Σ_k A[r, k] · dequant(W)[n, k]` with f32 activations.
 //!
 //! - FP8 e4m3 with one f32 scale per `bn × bk` block (per-tensor, per-channel
-//!   and 128×128 are all block shapes). Bytes are widened through f16
-//!   (`e4m3 → f16` is a shift, exact for normals and subnormals; the missing
-//!   2⁸ goes into the scale) and converted with F16C.
-//! - MXFP4: 16 bytes hold a 32-element group; nibbles become `2·e2m1` int8 by
-//!   a byte shuffle, then f32, and the group's partial sums take the
-//!   `2^(e−128)` scale once.
+//!   and 128×128 are all block shapes).
+//! - MXFP4: 16 bytes hold a 32-element group with one e8m0 scale.
 //!
-//! Decode steps (≤ 3 rows) fuse the decode into dot products, so every weight
-//! byte is read once; larger segments decode a 16-column strip into the f32
-//! panel of the dense packed kernel and reuse its 6×16 FMA tile.
+//! Few rows (decode steps, small expert segments) run a decode kernel that
+//! fuses the widening into dot products, every weight byte read once
+//! (AVX2: [`decode_avx2`], shifts and masks; AVX-512: `avx512`); more rows
+//! decode a 16-column strip into the f32 panel of the dense packed kernel
+//! and reuse its 6×16 FMA tile (AVX2, widening through F16C and a byte
+//! table), or run `packed_bf16` on AVX-512 BF16.
 
 #[cfg(target_arch = "x86_64")]
 mod skinny;
@@ -114,7 +113,7 @@ pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
                 if isa == Isa::Avx512Bf16 {
                     avx512::skinny(&chunk)
                 } else {
-                    avx2::skinny(&chunk)
+                    decode_avx2::skinny(&chunk)
                 }
             }
             return;
@@ -143,6 +142,9 @@ mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+
+#[cfg(target_arch = "x86_64")]
+mod decode_avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod packed_bf16;
@@ -197,14 +199,15 @@ mod tests {
     ) {
         let k = w.k();
         let mut rng = Lcg(7);
-        // f32 activations, and bf16 ones (bf16 compute: no residual part)
-        for (m, bf16_act) in [1usize, 2, 3, 5, 13, 20]
+        // f32 activations, and bf16 ones (bf16 compute: no residual part);
+        // activations of 2^40 make the AVX2 decode kernels scale them less
+        for (m, bf16_act, mag) in [1usize, 2, 3, 5, 13, 20]
             .into_iter()
-            .flat_map(|m| [(m, false), (m, true)])
+            .flat_map(|m| [(m, false, 1.0), (m, true, 1.0), (m, false, 2f32.powi(40))])
         {
             let mut a: Vec<f32> = (0..m * k)
                 .map(|_| {
-                    let v = rng.f();
+                    let v = rng.f() * mag;
                     if bf16_act {
                         half::bf16::from_f32(v).to_f32()
                     } else {

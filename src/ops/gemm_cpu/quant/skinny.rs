@@ -1,6 +1,6 @@
-//! The structure both decode kernels (AVX2 and AVX-512) share: walking a
-//! tile's weight rows in register blocks, and the FP8 block-scaled dot
-//! product. Each ISA supplies its vector type ([`Lanes`]); these bodies are
+//! The structure of the AVX-512 decode kernels — walking a tile's weight
+//! rows in register blocks, the FP8 block-scaled dot product over a vector
+//! type ([`Lanes`]) — and the prefetch the AVX2 ones share. The bodies are
 //! `inline(always)` so they compile inside the ISA's `target_feature`
 //! wrappers, with its intrinsics inlined.
 
