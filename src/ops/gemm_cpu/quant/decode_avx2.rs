@@ -94,41 +94,67 @@ unsafe fn abs_max(row: &[f32]) -> f32 {
         .fold(0f32, |m, x| m.max(x.abs()))
 }
 
-/// A tile's activation rows in decode order, each scaled by `2^P`.
+/// A tile's activation rows in decode order, each scaled by `2^P` (and,
+/// for FP8 blocks folded in, by the column block's weight scale).
 struct Prepared {
     rows: Vec<f32>,
     k: usize,
-    /// Per row: `2^(bias − P)`, what the row's sums are multiplied by.
+    /// Per row: `2^(bias − P)`, what the chunk sums are multiplied by.
     undo: [f32; 3],
+    /// Per row: `2^−P`, which takes the tail columns back to `a · s` (they
+    /// meet the true weight values).
+    tail_undo: [f32; 3],
+}
+
+/// How a tile's rows are laid out: every `seg`-wide segment of the row is
+/// cut into chunks from its start, the columns left over at its end stay in
+/// place; `col_scale`, if any, is a weight scale per `bk` columns that the
+/// activations take on (`bk` a multiple of the chunk).
+struct Layout<'a> {
+    chunk: usize,
+    permute: unsafe fn(*const f32, *mut f32, __m256),
+    bias: i32,
+    seg: usize,
+    col_scale: Option<(&'a [f32], usize)>,
 }
 
 impl Prepared {
-    /// Copies `a` (≤ 3 rows of `k`) putting every chunk that `starts`
-    /// yields through `permute`; the rest stays zero (the kernels read those
-    /// columns from `a` through the scalar tail).
+    /// Copies `a` (≤ 3 rows of `k`) as `l` lays it out.
     #[inline(always)]
-    unsafe fn new(
-        a: &[*const f32],
-        k: usize,
-        bias: i32,
-        (chunk, permute): (usize, unsafe fn(*const f32, *mut f32, __m256)),
-        starts: impl Iterator<Item = usize> + Clone,
-    ) -> Self {
+    unsafe fn new(a: &[*const f32], k: usize, l: &Layout<'_>) -> Self {
         let mut rows = vec![0f32; a.len() * k];
         let mut undo = [1f32; 3];
+        let mut tail_undo = [1f32; 3];
+        let smax = l
+            .col_scale
+            .map_or(1.0, |(s, _)| s.iter().fold(0f32, |m, x| m.max(x.abs())));
+        let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
         for (r, (&ap, dst)) in a.iter().zip(rows.chunks_mut(k.max(1))).enumerate() {
             let row = std::slice::from_raw_parts(ap, k);
-            // amax < 2^(e+1): 2^P keeps every scaled value under 2^125
-            let e = ((abs_max(row).to_bits() >> 23) & 0xff) as i32 - 127;
-            let p = bias.min(124 - e).max(0);
-            let scale = _mm256_set1_ps(f32::from_bits(((p + 127) as u32) << 23));
-            undo[r] = f32::from_bits(((bias - p + 127) as u32) << 23);
-            for c in starts.clone() {
-                debug_assert!(c + chunk <= k);
-                permute(ap.add(c), dst.as_mut_ptr().add(c), scale);
+            // |a · s| < 2^(e+1) (within rounding): 2^P keeps it under 2^125
+            let e = (((abs_max(row) * smax).to_bits() >> 23) & 0xff) as i32 - 127;
+            let p = l.bias.min(123 - e).max(0);
+            undo[r] = pow2(l.bias - p);
+            tail_undo[r] = pow2(-p);
+            let scale = |c: usize| pow2(p) * l.col_scale.map_or(1.0, |(s, bk)| s[c / bk]);
+            for k0 in (0..k).step_by(l.seg.max(1)) {
+                let k1 = (k0 + l.seg).min(k);
+                let mut c = k0;
+                while c + l.chunk <= k1 {
+                    (l.permute)(ap.add(c), dst.as_mut_ptr().add(c), _mm256_set1_ps(scale(c)));
+                    c += l.chunk;
+                }
+                for c in c..k1 {
+                    dst[c] = row[c] * scale(c);
+                }
             }
         }
-        Prepared { rows, k, undo }
+        Prepared {
+            rows,
+            k,
+            undo,
+            tail_undo,
+        }
     }
 
     #[inline(always)]
@@ -236,24 +262,21 @@ unsafe fn mx_chunk<const M: usize>(
     }
 }
 
-/// FP8: weight row `n` against `M` prepared rows. Chunks start at each
-/// `bk` block's start; a block's last `bk % 32` columns go through the
-/// table against the original rows.
+/// FP8: weight row `wp` (`k` bytes) against `M` prepared rows, in
+/// segments of `seg` columns whose sums take the scales `sp[i]` (a single
+/// segment of scale 1 when the scales are folded into the activations).
 #[inline(always)]
 unsafe fn fp8_row<const M: usize>(
-    t: &QTile<'_>,
     p: &Prepared,
-    (q, scales, k, bn, bk): (&[u8], &[f32], usize, usize, usize),
-    n: usize,
+    wp: *const u8,
+    k: usize,
+    (seg, sp): (usize, *const f32),
 ) -> [f32; M] {
-    let kb = k.div_ceil(bk);
     let mut acc = [_mm256_setzero_ps(); M];
     let mut tail = [0f32; M];
-    let wp = q.as_ptr().add(n * k);
-    let sp = scales.as_ptr().add((n / bn) * kb);
     let ap: [*const f32; M] = std::array::from_fn(|m| p.row(m));
-    for blk in 0..kb {
-        let (k0, k1) = (blk * bk, ((blk + 1) * bk).min(k));
+    for (i, k0) in (0..k).step_by(seg).enumerate() {
+        let k1 = (k0 + seg).min(k);
         let mut g = [[_mm256_setzero_ps(); 4]; M];
         let mut kk = k0;
         while kk + 2 * FP8_CHUNK <= k1 {
@@ -266,7 +289,7 @@ unsafe fn fp8_row<const M: usize>(
             fp8_chunk(wp, &ap, kk, &mut g);
             kk += FP8_CHUNK;
         }
-        let s = *sp.add(blk);
+        let s = *sp.add(i);
         let sv = _mm256_set1_ps(s);
         for m in 0..M {
             let gs = g[m][..sums(M)]
@@ -274,9 +297,10 @@ unsafe fn fp8_row<const M: usize>(
                 .fold(_mm256_setzero_ps(), |x, y| _mm256_add_ps(x, *y));
             acc[m] = _mm256_fmadd_ps(gs, sv, acc[m]);
             if kk < k1 {
-                let a = t.a[m];
-                let lut = &*E4M3_LUT;
-                let r: f32 = (kk..k1).map(|c| *a.add(c) * lut[*wp.add(c) as usize]).sum();
+                let (lut, tu) = (&*E4M3_LUT, p.tail_undo[m]);
+                let r: f32 = (kk..k1)
+                    .map(|c| *ap[m].add(c) * tu * lut[*wp.add(c) as usize])
+                    .sum();
                 tail[m] += r * s;
             }
         }
@@ -288,7 +312,6 @@ unsafe fn fp8_row<const M: usize>(
 /// of groups the last one goes through the table.
 #[inline(always)]
 unsafe fn mx_row<const M: usize>(
-    t: &QTile<'_>,
     p: &Prepared,
     (q, scales, k): (&[u8], &[u8], usize),
     n: usize,
@@ -313,9 +336,10 @@ unsafe fn mx_row<const M: usize>(
     if full < k {
         let mut row = [0f32; MX_GROUP];
         PackedMat::Mxfp4 { q, scales, k }.decode_scalar(n, full, &mut row);
-        for (tl, &a) in tail.iter_mut().zip(t.a) {
-            let a = std::slice::from_raw_parts(a.add(full), MX_GROUP);
-            *tl = a.iter().zip(&row).map(|(x, y)| x * y).sum();
+        for (m, tl) in tail.iter_mut().enumerate() {
+            let a = std::slice::from_raw_parts(ap[m].add(full), MX_GROUP);
+            let tu = p.tail_undo[m];
+            *tl = a.iter().zip(&row).map(|(x, y)| x * tu * y).sum();
         }
     }
     std::array::from_fn(|m| hsum(acc[m]) * p.undo[m] + tail[m])
@@ -324,6 +348,11 @@ unsafe fn mx_row<const M: usize>(
 /// `2^(e − 127)` for every e8m0 code.
 static MX_SCALE: std::sync::LazyLock<[f32; 256]> =
     std::sync::LazyLock::new(|| std::array::from_fn(|e| e8m0_to_f32(e as u8)));
+
+/// FP8 weight scales are folded into the activations when a row has
+/// several column blocks (one sum per row instead of one per 128 columns)
+/// and a row block spans at least this many rows (one preparation each).
+const FOLD_MIN_ROWS: usize = 16;
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn skinny_m<const M: usize>(t: &QTile<'_>) {
@@ -340,20 +369,46 @@ unsafe fn skinny_m<const M: usize>(t: &QTile<'_>) {
             bn,
             bk,
         } => {
-            let starts = (0..k.div_ceil(bk)).flat_map(|b| {
-                let k1 = ((b + 1) * bk).min(k);
-                (b * bk..k1.saturating_sub(FP8_CHUNK - 1)).step_by(FP8_CHUNK)
-            });
-            let p = Prepared::new(t.a, k, FP8_BIAS, (FP8_CHUNK, fp8_permute), starts);
-            for n in t.n0..t.n1 {
-                store(n, fp8_row::<M>(t, &p, (q, scales, k, bn, bk), n));
+            let kb = k.div_ceil(bk);
+            let mut l = Layout {
+                chunk: FP8_CHUNK,
+                permute: fp8_permute,
+                bias: FP8_BIAS,
+                seg: bk,
+                col_scale: None,
+            };
+            if kb > 1 && bn >= FOLD_MIN_ROWS && bk.is_multiple_of(FP8_CHUNK) {
+                l.seg = k;
+                let one = 1f32;
+                let mut n = t.n0;
+                while n < t.n1 {
+                    let (rb, end) = (n / bn, ((n / bn + 1) * bn).min(t.n1));
+                    l.col_scale = Some((&scales[rb * kb..(rb + 1) * kb], bk));
+                    let p = Prepared::new(t.a, k, &l);
+                    for n in n..end {
+                        store(n, fp8_row::<M>(&p, q[n * k..].as_ptr(), k, (k, &one)));
+                    }
+                    n = end;
+                }
+            } else {
+                let p = Prepared::new(t.a, k, &l);
+                for n in t.n0..t.n1 {
+                    let sp = scales[(n / bn) * kb..].as_ptr();
+                    store(n, fp8_row::<M>(&p, q[n * k..].as_ptr(), k, (bk, sp)));
+                }
             }
         }
         PackedMat::Mxfp4 { q, scales, k } => {
-            let starts = (0..k / MX_CHUNK * MX_CHUNK).step_by(MX_CHUNK);
-            let p = Prepared::new(t.a, k, MX_BIAS, (MX_CHUNK, mx_permute), starts);
+            let l = Layout {
+                chunk: MX_CHUNK,
+                permute: mx_permute,
+                bias: MX_BIAS,
+                seg: k,
+                col_scale: None,
+            };
+            let p = Prepared::new(t.a, k, &l);
             for n in t.n0..t.n1 {
-                store(n, mx_row::<M>(t, &p, (q, scales, k), n));
+                store(n, mx_row::<M>(&p, (q, scales, k), n));
             }
         }
     }

@@ -273,6 +273,9 @@ mod tests {
             (21, 77, 1, 77),
             (9, 48, 9, 48),
             (20, 64, 16, 32),
+            // row scales over column blocks; blocks not a multiple of 32
+            (18, 160, 1, 64),
+            (24, 200, 8, 48),
         ] {
             let mut rng = Lcg(n as u64);
             let q: Vec<u8> = (0..n * k)
