@@ -1,4 +1,4 @@
-//! AVX2 decode kernels (1–3 activation rows): FP8 and MXFP4 weights widen
+//! AVX2 decode kernels (1–6 activation rows): FP8 and MXFP4 weights widen
 //! to f32 by integer shifts and masks alone — no F16C conversion, no byte
 //! shuffle table. In L1 a core decodes ~1.6× the weights per second the
 //! F16C / int8-table decoders did (those were bound on the shuffle ports).
@@ -26,6 +26,10 @@ use std::arch::x86_64::*;
 /// waiting on loads. Addresses past the matrix are fine (a prefetch never
 /// faults; `wrapping_add` keeps it defined).
 const AHEAD_BYTES: usize = 4096;
+
+/// Activation rows one pass takes at most: each decoded chunk meets up to
+/// this many rows before the next is decoded (more spill the registers).
+pub(super) const MAX_ROWS: usize = 6;
 
 /// FP8 chunk: 32 bytes → 4 vectors; vector `r` lane `i` is byte
 /// `4i + [0, 2, 1, 3][r]` (even bytes move up 8 bits, odd ones stay; words
@@ -100,10 +104,10 @@ struct Prepared {
     rows: Vec<f32>,
     k: usize,
     /// Per row: `2^(bias − P)`, what the chunk sums are multiplied by.
-    undo: [f32; 3],
+    undo: [f32; MAX_ROWS],
     /// Per row: `2^−P`, which takes the tail columns back to `a · s` (they
     /// meet the true weight values).
-    tail_undo: [f32; 3],
+    tail_undo: [f32; MAX_ROWS],
 }
 
 /// How a tile's rows are laid out: every `seg`-wide segment of the row is
@@ -119,12 +123,12 @@ struct Layout<'a> {
 }
 
 impl Prepared {
-    /// Copies `a` (≤ 3 rows of `k`) as `l` lays it out.
+    /// Copies `a` (≤ [`MAX_ROWS`] rows of `k`) as `l` lays it out.
     #[inline(always)]
     unsafe fn new(a: &[*const f32], k: usize, l: &Layout<'_>) -> Self {
         let mut rows = vec![0f32; a.len() * k];
-        let mut undo = [1f32; 3];
-        let mut tail_undo = [1f32; 3];
+        let mut undo = [1f32; MAX_ROWS];
+        let mut tail_undo = [1f32; MAX_ROWS];
         let smax = l
             .col_scale
             .map_or(1.0, |(s, _)| s.iter().fold(0f32, |m, x| m.max(x.abs())));
@@ -209,7 +213,11 @@ unsafe fn mx_dec64(p: *const u8) -> [__m256; 8] {
 /// Independent sums per activation row: four chains of FMAs hide their
 /// latency for one row; more rows give more chains (and fewer registers).
 const fn sums(m: usize) -> usize {
-    4 / m
+    if m >= 4 {
+        1
+    } else {
+        4 / m
+    }
 }
 
 /// One FP8 chunk at column `kk` into the sums `g`.
@@ -414,7 +422,7 @@ unsafe fn skinny_m<const M: usize>(t: &QTile<'_>) {
     }
 }
 
-/// The decode kernel over ≤ 3 activation rows.
+/// The decode kernel over ≤ [`MAX_ROWS`] activation rows.
 ///
 /// # Safety
 /// As [`super::qgemm_tile`]; the CPU has AVX2, FMA and F16C.
@@ -424,6 +432,9 @@ pub(super) unsafe fn skinny(t: &QTile<'_>) {
         0 => {}
         1 => skinny_m::<1>(t),
         2 => skinny_m::<2>(t),
-        _ => skinny_m::<3>(t),
+        3 => skinny_m::<3>(t),
+        4 => skinny_m::<4>(t),
+        5 => skinny_m::<5>(t),
+        _ => skinny_m::<6>(t),
     }
 }

@@ -59,14 +59,17 @@ pub enum Isa {
 
 impl Isa {
     /// Rows from which decoding weight strips into panels for the packed
-    /// kernel beats running the decode kernel over chunks of 3 rows
-    /// (bench_linear, 1408×2048 / 2048×2048 / 5632×2048: on AVX-512 the
-    /// decode passes win at 4 and 8 rows, the panels from 16; on AVX2 the
-    /// decode passes win at 4–7 rows, the panels from 8).
-    fn packed_min_rows(self) -> usize {
-        match self {
-            Isa::Avx512Bf16 => 12,
-            _ => 8,
+    /// kernel beats running the decode kernel over passes of its rows
+    /// (bench_linear, 1408×2048 / 2048×2048 / 5632×2048 / 16384×2048). On
+    /// AVX-512 (passes of 3) the decode passes win at 4 and 8 rows, the
+    /// panels from 16. On AVX2 (passes of ≤ 6 rows, shift-and-mask decode)
+    /// FP8 decode passes win up to 16–20 rows and tie at 24, MXFP4 ones win
+    /// up to 10–12 rows and tie at 12–16.
+    fn packed_min_rows(self, w: &PackedMat<'_>) -> usize {
+        match (self, w) {
+            (Isa::Avx512Bf16, _) => 12,
+            (_, PackedMat::Fp8 { .. }) => 20,
+            _ => 14,
         }
     }
 
@@ -103,12 +106,16 @@ impl Isa {
 pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // few rows: the decode kernel over chunks of its rows (the tile's
-        // weights stay in L2 after the first chunk); decoding a strip into a
-        // panel costs about what three AVX-512 decode passes do, two AVX2
-        // ones (bench_linear, 1408×2048 / 2048×2048 / 5632×2048)
-        Isa::Avx512Bf16 | Isa::Avx2 if t.a.len() < isa.packed_min_rows() => {
-            for (a, c) in t.a.chunks(SKINNY_MAX_ROWS).zip(t.c.chunks(SKINNY_MAX_ROWS)) {
+        // few rows: the decode kernel over passes of its rows (the tile's
+        // weights stay in L2 after the first pass)
+        Isa::Avx512Bf16 | Isa::Avx2 if t.a.len() < isa.packed_min_rows(&t.w) => {
+            // passes of equal size, each at most what the kernel takes
+            let max = match isa {
+                Isa::Avx2 => decode_avx2::MAX_ROWS,
+                _ => SKINNY_MAX_ROWS,
+            };
+            let per = t.a.len().div_ceil(t.a.len().div_ceil(max).max(1)).max(1);
+            for (a, c) in t.a.chunks(per).zip(t.c.chunks(per)) {
                 let chunk = QTile { a, c, ..*t };
                 if isa == Isa::Avx512Bf16 {
                     avx512::skinny(&chunk)
@@ -201,7 +208,7 @@ mod tests {
         let mut rng = Lcg(7);
         // f32 activations, and bf16 ones (bf16 compute: no residual part);
         // activations of 2^40 make the AVX2 decode kernels scale them less
-        for (m, bf16_act, mag) in [1usize, 2, 3, 5, 13, 20]
+        for (m, bf16_act, mag) in [1usize, 2, 3, 4, 5, 6, 7, 13, 19, 25]
             .into_iter()
             .flat_map(|m| [(m, false, 1.0), (m, true, 1.0), (m, false, 2f32.powi(40))])
         {
