@@ -2,7 +2,7 @@
 # Whole-model speed against llama.cpp (the CPU anchor) on the same weights:
 # the random Qwen1.5-MoE-A2.7B-shaped checkpoint that bench_generate writes,
 # converted to GGUF BF16, Q8_0 and MXFP4_MOE, timed with llama-bench (2
-# threads), right after our bench_generate on the same checkpoint.
+# threads) in rounds interleaved with our bench_generate on the same checkpoint.
 #
 #   bash scripts/llamacpp_compare.sh [LAYERS (4)] [WORKDIR (/tmp/llamacpp)]
 #
@@ -58,28 +58,39 @@ for t in bf16 q8_0; do
 done
 [ -f m-${LAYERS}l-mxfp4_moe.gguf ] || llama.cpp/build/bin/llama-quantize m-${LAYERS}l-bf16.gguf m-${LAYERS}l-mxfp4_moe.gguf MXFP4_MOE 2
 
-for t in bf16 q8_0 mxfp4_moe; do
-  llama.cpp/build/bin/llama-bench -m m-${LAYERS}l-$t.gguf -t 2 -p 64 -n 32 -r 3 -o json > llama-$t.json
-done
-
-# ratios: ours bf16 / llama BF16, ours fp8 (everything) / Q8_0, ours mxfp4-fp8 / MXFP4_MOE
-venv/bin/python - ours.txt llama-bf16.json llama-q8_0.json llama-mxfp4_moe.json <<'EOF'
-import json, sys
-ours = {r["weights"]: r for r in json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]) if r["model"] == "candle-moe"}
-def llama(path):
-    rows = json.load(open(path))
-    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-    return pp, tg
-print(f"{'ours':<12} {'llama.cpp':<10} {'prompt ours':>11} {'llama':>7} {'ratio':>6} {'gen ours':>9} {'llama':>7} {'ratio':>6}")
+# ratios: ours bf16 / llama BF16, ours fp8 (everything) / Q8_0, ours mxfp4-fp8 /
+# MXFP4_MOE, each pair run back to back for ROUNDS rounds: the machine's speed drifts by
+# up to 25 % over the minutes a whole sequence takes, and medians of interleaved runs
+# keep the drift out of the ratios
+ROUNDS=${ROUNDS:-3} venv/bin/python - "$ROOT/target/release/examples/bench_generate" "$LAYERS" <<'EOF'
+import json, os, statistics, subprocess, sys
+ours_bin, layers = sys.argv[1], sys.argv[2]
+pairs = [("bf16", "BF16", "bf16"), ("fp8", "Q8_0", "q8_0"), ("mxfp4-fp8", "MXFP4_MOE", "mxfp4_moe")]
+runs = {p[0]: {"po": [], "go": [], "pl": [], "gl": []} for p in pairs}
+for _ in range(int(os.environ["ROUNDS"])):
+    for mine, _, gguf in pairs:
+        out = subprocess.run([ours_bin, "--layers", layers, "--variants", mine, "--no-candle", "--json"],
+                             capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])[0]
+        runs[mine]["po"].append(row["prompt_tok_s"])
+        runs[mine]["go"].append(row["gen_tok_s"])
+        out = subprocess.run(["llama.cpp/build/bin/llama-bench", "-m", f"m-{layers}l-{gguf}.gguf", "-t", "2",
+                              "-p", "64", "-n", "32", "-r", "3", "-o", "json"],
+                             capture_output=True, text=True, check=True).stdout
+        rows = json.loads(out)
+        runs[mine]["pl"].append(next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0))
+        runs[mine]["gl"].append(next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0))
+rounds = os.environ["ROUNDS"]
+print(f"{'ours':<12} {'llama.cpp':<10} {'prompt ours':>11} {'llama':>7} {'ratio':>6} "
+      f"{'gen ours':>9} {'llama':>7} {'ratio':>6}  (medians of {rounds} interleaved rounds)")
 out = []
-for mine, theirs, path in [("bf16", "BF16", sys.argv[2]), ("fp8", "Q8_0", sys.argv[3]), ("mxfp4-fp8", "MXFP4_MOE", sys.argv[4])]:
-    pp, tg = llama(path)
-    o = ours[mine]
-    row = {"ours": mine, "llama_cpp": theirs, "prompt_ours": o["prompt_tok_s"], "prompt_llama": pp,
-           "prompt_ratio": o["prompt_tok_s"] / pp, "gen_ours": o["gen_tok_s"], "gen_llama": tg,
-           "gen_ratio": o["gen_tok_s"] / tg}
+for mine, theirs, _ in pairs:
+    m = {k: statistics.median(v) for k, v in runs[mine].items()}
+    row = {"ours": mine, "llama_cpp": theirs, "prompt_ours": m["po"], "prompt_llama": m["pl"],
+           "prompt_ratio": m["po"] / m["pl"], "gen_ours": m["go"], "gen_llama": m["gl"],
+           "gen_ratio": m["go"] / m["gl"], "rounds": runs[mine]}
     out.append(row)
-    print(f"{mine:<12} {theirs:<10} {row['prompt_ours']:>11.1f} {pp:>7.1f} {row['prompt_ratio']:>6.2f} {row['gen_ours']:>9.2f} {tg:>7.2f} {row['gen_ratio']:>6.2f}")
+    print(f"{mine:<12} {theirs:<10} {m['po']:>11.1f} {m['pl']:>7.1f} {row['prompt_ratio']:>6.2f} "
+          f"{m['go']:>9.2f} {m['gl']:>7.2f} {row['gen_ratio']:>6.2f}")
 print(json.dumps(out))
 EOF
