@@ -283,6 +283,10 @@ mod tests {
             // row scales over column blocks; blocks not a multiple of 32
             (18, 160, 1, 64),
             (24, 200, 8, 48),
+            // tiny experts: rows shorter than a chunk, exactly one chunk
+            (32, 16, 1, 128),
+            (32, 32, 1, 128),
+            (256, 128, 128, 128),
         ] {
             let mut rng = Lcg(n as u64);
             let q: Vec<u8> = (0..n * k)
