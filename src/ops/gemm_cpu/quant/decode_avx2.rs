@@ -14,9 +14,8 @@
 
 use super::super::avx2::{hsum, transpose8};
 use super::skinny::prefetch;
-use super::{QTile, MX_GROUP};
+use super::{QTile, MX_GROUP, MX_HALF_SCALE};
 use crate::format::fp8::E4M3_LUT;
-use crate::format::mxfp4::e8m0_to_f32;
 use crate::format::PackedMat;
 use std::arch::x86_64::*;
 
@@ -44,8 +43,10 @@ const FP8_BIAS: i32 = 120;
 /// (nibble `r / 2` of each word moved up, words split into dwords).
 const MX_CHUNK: usize = 2 * MX_GROUP;
 /// e2m1 `s ee m` at a word's bits 15..12, shifted right 6 (arithmetic), is
-/// bf16 `s ee m` with a 2-bit exponent field: the value · 2⁻¹²⁶.
-const MX_BIAS: i32 = 126;
+/// bf16 `s ee m` with a 2-bit exponent field: the value · 2⁻¹²⁶; the
+/// group scales come from the shared halved table ([`MX_HALF_SCALE`]), one
+/// more factor 2 short.
+const MX_BIAS: i32 = 127;
 
 /// 32 activations into FP8 chunk order, times `scale`: a 4×4 transpose per
 /// 128-bit lane yields columns in lane order (0, 2, 4, 6 | 1, 3, 5, 7).
@@ -324,7 +325,7 @@ unsafe fn mx_row<const M: usize>(
     (q, scales, k): (&[u8], &[u8], usize),
     n: usize,
 ) -> [f32; M] {
-    let st = &*MX_SCALE;
+    let st = &*MX_HALF_SCALE;
     let mut acc = [_mm256_setzero_ps(); M];
     let wp = q.as_ptr().add(n * k / 2);
     let sp = scales.as_ptr().add(n * k / MX_GROUP);
@@ -352,10 +353,6 @@ unsafe fn mx_row<const M: usize>(
     }
     std::array::from_fn(|m| hsum(acc[m]) * p.undo[m] + tail[m])
 }
-
-/// `2^(e − 127)` for every e8m0 code.
-static MX_SCALE: std::sync::LazyLock<[f32; 256]> =
-    std::sync::LazyLock::new(|| std::array::from_fn(|e| e8m0_to_f32(e as u8)));
 
 /// FP8 weight scales are folded into the activations when a row block
 /// spans at least this many rows (one preparation each): one sum per row

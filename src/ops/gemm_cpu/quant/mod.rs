@@ -20,7 +20,8 @@ use crate::format::mxfp4::{e2m1_to_f32, MX_GROUP};
 use crate::format::PackedMat;
 use std::sync::LazyLock;
 
-/// `2^(e − 128)`: the e8m0 scale halved, because the decoder yields 2·e2m1.
+/// `2^(e − 128)`: the e8m0 scale halved, because the panel decoder yields
+/// 2·e2m1 (the AVX2 decode kernel takes the factor into its bias).
 static MX_HALF_SCALE: LazyLock<[f32; 256]> =
     LazyLock::new(|| std::array::from_fn(|e| 2f32.powi(e as i32 - 128)));
 
