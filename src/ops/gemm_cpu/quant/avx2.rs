@@ -124,12 +124,41 @@ unsafe fn pack_strip(
     }
 }
 
+/// Asks for part `part` of `parts` of the packed bytes (and MXFP4 scales)
+/// of weight rows `s..s+ns`, columns `k0..k0+kc`: the strip packed after
+/// this one, whose short rows the hardware prefetcher does not pick up.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch_strip(
+    w: &PackedMat<'_>,
+    (s, ns, k0, kc): (usize, usize, usize, usize),
+    (part, parts): (usize, usize),
+) {
+    let (q, k, scales, half) = match *w {
+        PackedMat::Fp8 { q, k, .. } => (q, k, None, false),
+        PackedMat::Mxfp4 { q, scales, k } => (q, k, Some(scales), true),
+    };
+    let bytes = |c: usize| if half { c / 2 } else { c };
+    let lines = bytes(kc).div_ceil(64);
+    let (a, b) = (ns * lines * part / parts, ns * lines * (part + 1) / parts);
+    for l in a..b {
+        let (r, c) = (l / lines, l % lines);
+        let p = q.as_ptr().wrapping_add(bytes((s + r) * k + k0) + 64 * c);
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+        if let (Some(sc), 0) = (scales, c) {
+            let p = sc.as_ptr().wrapping_add(((s + r) * k + k0) / MX_GROUP);
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn packed(t: &QTile<'_>) {
     let m = t.a.len();
     let k = t.w.k();
     let mut panel = vec![0f32; KC * NR];
     let mut rows = vec![0f32; KC * NR];
+    let groups = m.div_ceil(MR);
     let mut k0 = 0;
     while k0 < k {
         let kc = KC.min(k - k0);
@@ -137,8 +166,19 @@ pub(super) unsafe fn packed(t: &QTile<'_>) {
         while s < t.n1 {
             let ns = NR.min(t.n1 - s);
             pack_strip(&t.w, s, ns, k0, kc, &mut rows, &mut panel);
+            // the next strip of this k block, or the first of the next one
+            let next = if s + NR < t.n1 {
+                Some((s + NR, NR.min(t.n1 - s - NR), k0, kc))
+            } else if k0 + KC < k {
+                Some((t.n0, NR.min(t.n1 - t.n0), k0 + KC, KC.min(k - k0 - KC)))
+            } else {
+                None
+            };
             let mut mg = 0;
             while mg < m {
+                if let Some(st) = next {
+                    prefetch_strip(&t.w, st, (mg / MR, groups));
+                }
                 let mr = MR.min(m - mg);
                 let a: [*const f32; MR] =
                     std::array::from_fn(|r| t.a[mg + if r < mr { r } else { 0 }].add(k0));
