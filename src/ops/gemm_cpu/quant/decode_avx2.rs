@@ -254,22 +254,22 @@ unsafe fn mx_chunk<const M: usize>(
 ) {
     let v = mx_dec64(wp.add(kk / 2));
     let g = kk / MX_GROUP;
-    let sv = _mm256_setr_m128(
-        _mm_broadcast_ss(&st[*sp.add(g) as usize]),
-        _mm_broadcast_ss(&st[*sp.add(g + 1) as usize]),
+    // group g's scale in the low lane, g + 1's in the high one
+    let sv = _mm256_blend_ps::<0xf0>(
+        _mm256_broadcast_ss(&st[*sp.add(g) as usize]),
+        _mm256_broadcast_ss(&st[*sp.add(g + 1) as usize]),
     );
     for m in 0..M {
         // the first products start from zero with an FMA: a plain
-        // multiply of a subnormal weight is slow
-        let mut s = [_mm256_setzero_ps(); 4];
+        // multiply of a subnormal weight is slow. Two chains of four: the
+        // sums start afresh each chunk, so only `acc` carries from one
+        // chunk to the next and chunks overlap; one add joins them.
+        let mut s = [_mm256_setzero_ps(); 2];
         for (u, v) in v.iter().enumerate() {
             let a = _mm256_loadu_ps(ap[m].add(kk + 8 * u));
-            s[u % sums(M)] = _mm256_fmadd_ps(*v, a, s[u % sums(M)]);
+            s[u % 2] = _mm256_fmadd_ps(*v, a, s[u % 2]);
         }
-        let gs = s[..sums(M)]
-            .iter()
-            .fold(_mm256_setzero_ps(), |x, y| _mm256_add_ps(x, *y));
-        acc[m] = _mm256_fmadd_ps(gs, sv, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_add_ps(s[0], s[1]), sv, acc[m]);
     }
 }
 
