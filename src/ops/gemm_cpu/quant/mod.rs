@@ -63,9 +63,9 @@ impl Isa {
     /// kernel beats running the decode kernel over passes of its rows
     /// (bench_linear, 1408×2048 / 2048×2048 / 5632×2048 / 16384×2048). On
     /// AVX-512 (passes of 3) the decode passes win at 4 and 8 rows, the
-    /// panels from 16. On AVX2 (passes of ≤ 6 rows, shift-and-mask decode)
-    /// FP8 decode passes win up to 16–20 rows and tie at 24, MXFP4 ones win
-    /// up to 10–12 rows and tie at 12–16.
+    /// panels from 16. On AVX2 (passes of ≤ 4 rows, shift-and-mask decode)
+    /// FP8 decode passes win up to 19 rows and tie at 20–24, MXFP4 ones win
+    /// up to 12 rows and tie at 13–16 (42240×2048, BENCHMARKS.md run 9).
     fn packed_min_rows(self, w: &PackedMat<'_>) -> usize {
         match (self, w) {
             (Isa::Avx512Bf16, _) => 12,
