@@ -41,7 +41,7 @@ unsafe fn widen_bf16(h: __m512bh) -> [__m512; 2] {
 
 /// Lanes `[0, n)` of a 16-lane mask.
 #[inline]
-pub(super) fn mask16(n: usize) -> u16 {
+pub(crate) fn mask16(n: usize) -> u16 {
     if n >= 16 {
         u16::MAX
     } else {

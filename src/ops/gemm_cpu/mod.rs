@@ -19,6 +19,8 @@ pub(crate) mod bf16_avx512;
 pub(crate) mod bf16_packed;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemv_avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod kernel_avx512;
 pub(crate) mod quant;
 
 use half::{bf16, f16};
@@ -208,6 +210,10 @@ pub unsafe fn gemm_tile<W: WeightElem>(t: &Tile<'_, W>) {
     if t.a.len() <= SKINNY_MAX_ROWS && W::skinny_special(t) {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && t.a.len() >= PACKED_MIN_ROWS && kernel_avx512::fma_beats_dpbf16() {
+        return avx2::packed(t, true);
+    }
     gemm_tile_avx2(t)
 }
 
@@ -222,7 +228,7 @@ pub(crate) unsafe fn gemm_tile_avx2<W: WeightElem>(t: &Tile<'_, W>) {
         if t.a.len() < PACKED_MIN_ROWS {
             return gemv_avx2::gemm(t);
         }
-        return avx2::packed(t);
+        return avx2::packed(t, false);
     }
     portable(t)
 }
@@ -416,9 +422,12 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// `wide`: the 12-row 512-bit tile ([`super::kernel_avx512`]; the
+    /// caller checked AVX-512F), else the 6-row AVX2 one.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn packed<W: WeightElem>(t: &Tile<'_, W>) {
+    pub(super) unsafe fn packed<W: WeightElem>(t: &Tile<'_, W>, wide: bool) {
         let m = t.a.len();
+        let mr_max = if wide { kernel_avx512::MR_WIDE } else { MR };
         let mut panel = vec![0f32; KC * NR];
         let mut k0 = 0;
         while k0 < t.k {
@@ -445,20 +454,25 @@ pub(crate) mod avx2 {
                 } else {
                     None
                 };
-                let groups = m.div_ceil(MR);
+                let groups = m.div_ceil(mr_max);
                 let mut mg = 0;
                 while mg < m {
                     if let Some(st) = next {
-                        prefetch_strip(t.w, t.k, st, mg / MR, groups);
+                        prefetch_strip(t.w, t.k, st, mg / mr_max, groups);
                     }
-                    let mr = MR.min(m - mg);
+                    let mr = mr_max.min(m - mg);
                     // missing rows re-read row `mg`; their results are not stored
-                    let a: [*const f32; MR] =
-                        std::array::from_fn(|r| t.a[mg + if r < mr { r } else { 0 }].add(k0));
-                    let c: [*mut f32; MR] =
-                        std::array::from_fn(|r| t.c[mg + if r < mr { r } else { 0 }].add(s - t.n0));
-                    kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
-                    mg += MR;
+                    let row = |r: usize| mg + if r < mr { r } else { 0 };
+                    if wide {
+                        let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
+                        let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                        kernel_avx512::kernel_12x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                    } else {
+                        let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
+                        let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                        kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                    }
+                    mg += mr_max;
                 }
                 s += NR;
             }

@@ -2,6 +2,7 @@
 //! into the f32 panels of the dense 6×16 kernel.
 
 use super::super::avx2::{kernel_6x16, transpose8};
+use super::super::kernel_avx512::{kernel_12x16, MR_WIDE};
 use super::*;
 use std::arch::x86_64::*;
 
@@ -152,13 +153,16 @@ unsafe fn prefetch_strip(
     }
 }
 
+/// `wide`: the 12-row 512-bit tile (the caller checked AVX-512F), else
+/// the 6-row AVX2 one.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn packed(t: &QTile<'_>) {
+pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
     let m = t.a.len();
     let k = t.w.k();
     let mut panel = vec![0f32; KC * NR];
     let mut rows = vec![0f32; KC * NR];
-    let groups = m.div_ceil(MR);
+    let mr_max = if wide { MR_WIDE } else { MR };
+    let groups = m.div_ceil(mr_max);
     let mut k0 = 0;
     while k0 < k {
         let kc = KC.min(k - k0);
@@ -177,15 +181,21 @@ pub(super) unsafe fn packed(t: &QTile<'_>) {
             let mut mg = 0;
             while mg < m {
                 if let Some(st) = next {
-                    prefetch_strip(&t.w, st, (mg / MR, groups));
+                    prefetch_strip(&t.w, st, (mg / mr_max, groups));
                 }
-                let mr = MR.min(m - mg);
-                let a: [*const f32; MR] =
-                    std::array::from_fn(|r| t.a[mg + if r < mr { r } else { 0 }].add(k0));
-                let c: [*mut f32; MR] =
-                    std::array::from_fn(|r| t.c[mg + if r < mr { r } else { 0 }].add(s - t.n0));
-                kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
-                mg += MR;
+                let mr = mr_max.min(m - mg);
+                // missing rows re-read row `mg`; their results are not stored
+                let row = |r: usize| mg + if r < mr { r } else { 0 };
+                if wide {
+                    let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
+                    let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                    kernel_12x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                } else {
+                    let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
+                    let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                    kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                }
+                mg += mr_max;
             }
             s += NR;
         }

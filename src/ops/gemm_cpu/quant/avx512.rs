@@ -31,7 +31,9 @@ pub(super) static MX_BF16_LUTS: LazyLock<Vec<ScaledLut>> = LazyLock::new(|| {
 
 /// MXFP4: `NW` rows from `n` against `M` split activation rows. Each
 /// group's scale is folded into the looked-up bf16 weights, so the dot
-/// products accumulate straight into (separate high / residual) sums.
+/// products accumulate straight into one sum per (row, weight row), the
+/// residual products (`RES`) into the same sum. Every weight group is
+/// decoded once for all `M` rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn mx_block<const M: usize, const NW: usize, const RES: bool>(
@@ -43,10 +45,11 @@ unsafe fn mx_block<const M: usize, const NW: usize, const RES: bool>(
     out: &mut [[f32; NW]; M],
 ) {
     let luts = &*MX_BF16_LUTS;
-    let mut acc_hi = [[_mm512_setzero_ps(); NW]; M];
-    let mut acc_lo = [[_mm512_setzero_ps(); NW]; M];
+    let mut acc = [[_mm512_setzero_ps(); NW]; M];
     let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k / 2));
     let sp: [*const u8; NW] = std::array::from_fn(|j| scales.as_ptr().add((n + j) * k / MX_GROUP));
+    let hi: [*const __m512bh; M] = std::array::from_fn(|m| rows[m].hi.as_ptr());
+    let lo: [*const __m512bh; M] = std::array::from_fn(|m| rows[m].lo.as_ptr());
     let mask = _mm512_set1_epi32(0x000f_000f);
     for gi in 0..k / MX_GROUP {
         if gi % 4 == 0 {
@@ -60,19 +63,21 @@ unsafe fn mx_block<const M: usize, const NW: usize, const RES: bool>(
             // byte b of the group → dword lane b: (lo nibble, hi nibble) word indices
             let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(wp[j].add(gi * 16) as *const __m128i));
             let idx = _mm512_ternarylogic_epi32::<0xA8>(x, _mm512_slli_epi32::<12>(x), mask);
-            let lut = _mm512_load_si512(luts[*sp[j].add(gi) as usize].0.as_ptr() as *const _);
+            // the scale byte indexes a table of 256: no bounds check needed
+            let lut = luts.get_unchecked(*sp[j].add(gi) as usize);
+            let lut = _mm512_load_si512(lut.0.as_ptr() as *const _);
             let w: __m512bh = std::mem::transmute(_mm512_permutexvar_epi16(idx, lut));
             for m in 0..M {
-                acc_hi[m][j] = _mm512_dpbf16_ps(acc_hi[m][j], w, rows[m].hi[gi]);
+                acc[m][j] = _mm512_dpbf16_ps(acc[m][j], w, *hi[m].add(gi));
                 if RES {
-                    acc_lo[m][j] = _mm512_dpbf16_ps(acc_lo[m][j], w, rows[m].lo[gi]);
+                    acc[m][j] = _mm512_dpbf16_ps(acc[m][j], w, *lo[m].add(gi));
                 }
             }
         }
     }
     for m in 0..M {
         for j in 0..NW {
-            out[m][j] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[m][j], acc_lo[m][j]));
+            out[m][j] = _mm512_reduce_add_ps(acc[m][j]);
         }
     }
 }
@@ -154,18 +159,42 @@ unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
     }
 }
 
+/// All of the tile's rows (MXFP4: at most [`AVX512_DECODE_MAX_ROWS`], FP8:
+/// [`AVX512_FP8_SWEEP_ROWS`]) in one sweep: every weight is read and
+/// decoded once, its products with each row accumulate in registers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn skinny(t: &QTile<'_>) {
-    // rows per block sized so accumulators and decoded weights stay in
-    // the 32 zmm registers (FP8 keeps two sums and two decoded vectors
-    // per row, MXFP4 two sums)
+    // weight rows per block sized so the sums and decoded weights stay in
+    // the 32 zmm registers: MXFP4 keeps one sum per (row, weight row), FP8
+    // two (the k-block's partial sum and the total) and two decoded vectors
+    // per weight row
     let mx = matches!(t.w, PackedMat::Mxfp4 { .. });
+    debug_assert!(
+        t.a.len()
+            <= if mx {
+                AVX512_DECODE_MAX_ROWS
+            } else {
+                AVX512_FP8_SWEEP_ROWS
+            }
+    );
     match (t.a.len(), mx) {
         (0, _) => {}
         (1, true) => skinny_m::<1, 8>(t),
+        (2, true) => skinny_m::<2, 8>(t),
+        (3, true) => skinny_m::<3, 8>(t),
+        (4, true) => skinny_m::<4, 4>(t),
+        (5, true) => skinny_m::<5, 4>(t),
+        (6, true) => skinny_m::<6, 4>(t),
+        (7, true) => skinny_m::<7, 2>(t),
+        (8, true) => skinny_m::<8, 2>(t),
+        (9, true) => skinny_m::<9, 2>(t),
+        (10, true) => skinny_m::<10, 2>(t),
+        (_, true) => skinny_m::<11, 2>(t),
         (1, false) => skinny_m::<1, 4>(t),
-        (2, _) => skinny_m::<2, 4>(t),
-        (_, true) => skinny_m::<3, 4>(t),
-        (_, false) => skinny_m::<3, 2>(t),
+        (2, false) => skinny_m::<2, 4>(t),
+        (3, false) => skinny_m::<3, 2>(t),
+        (4, false) => skinny_m::<4, 2>(t),
+        (5, false) => skinny_m::<5, 2>(t),
+        (_, false) => skinny_m::<6, 2>(t),
     }
 }

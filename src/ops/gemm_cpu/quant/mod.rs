@@ -15,7 +15,7 @@
 #[cfg(target_arch = "x86_64")]
 mod skinny;
 
-use super::{has_avx2, KC, MR, NR, SKINNY_MAX_ROWS};
+use super::{has_avx2, KC, MR, NR};
 use crate::format::mxfp4::{e2m1_to_f32, MX_GROUP};
 use crate::format::PackedMat;
 use std::sync::LazyLock;
@@ -48,27 +48,38 @@ pub unsafe fn qgemm_tile(t: &QTile<'_>) {
     qgemm_tile_with(t, Isa::detect())
 }
 
+/// Rows the AVX-512 decode kernel runs before the packed kernel takes over
+/// (MXFP4: all in one sweep over the weights).
+const AVX512_DECODE_MAX_ROWS: usize = 11;
+/// Rows of one AVX-512 FP8 decode sweep.
+const AVX512_FP8_SWEEP_ROWS: usize = 6;
+
 /// Instruction sets the kernels can use (tests run each one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Portable,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX-512 F/BW/VL + BF16 for the decode kernels (AVX2 for the rest).
+    /// AVX-512 F/BW/VL + BF16: the decode kernels, and prefill in
+    /// `vdpbf16ps` (where it out-runs 512-bit FMAs, as on AMD Zen 4).
     Avx512Bf16,
+    /// The same decode kernels, prefill in 512-bit f32 FMAs over AVX2's
+    /// decoded panels (where those out-run `vdpbf16ps`, as on Intel cores).
+    Avx512Fma,
 }
 
 impl Isa {
     /// Rows from which decoding weight strips into panels for the packed
     /// kernel beats running the decode kernel over passes of its rows
-    /// (bench_linear, 1408×2048 / 2048×2048 / 5632×2048 / 16384×2048). On
-    /// AVX-512 (passes of 3) the decode passes win at 4 and 8 rows, the
-    /// panels from 16. On AVX2 (passes of ≤ 4 rows, shift-and-mask decode)
-    /// FP8 decode passes win up to 19 rows and tie at 20–24, MXFP4 ones win
-    /// up to 12 rows and tie at 13–16 (42240×2048, BENCHMARKS.md run 9).
+    /// (bench_linear, 2816×2048 / 2048×1408 / 2048×2048). On AVX-512
+    /// (MXFP4 in one sweep of ≤ 11 rows, FP8 in passes of ≤ 6) the decode
+    /// kernel wins up to 22 rows and ties at 32 (BENCHMARKS.md run 10). On
+    /// AVX2 (passes of ≤ 4 rows, shift-and-mask decode) FP8 decode passes
+    /// win up to 19 rows and tie at 20–24, MXFP4 ones win up to 12 rows and
+    /// tie at 13–16 (42240×2048, BENCHMARKS.md run 9).
     fn packed_min_rows(self, w: &PackedMat<'_>) -> usize {
         match (self, w) {
-            (Isa::Avx512Bf16, _) => 12,
+            (Isa::Avx512Bf16 | Isa::Avx512Fma, _) => 24,
             (_, PackedMat::Fp8 { .. }) => 20,
             _ => 14,
         }
@@ -87,7 +98,11 @@ impl Isa {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512bf16")
                 {
-                    Isa::Avx512Bf16
+                    if super::kernel_avx512::fma_beats_dpbf16() {
+                        Isa::Avx512Fma
+                    } else {
+                        Isa::Avx512Bf16
+                    }
                 } else {
                     Isa::Avx2
                 }
@@ -107,27 +122,35 @@ impl Isa {
 pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // few rows: the decode kernel over passes of its rows (the tile's
-        // weights stay in L2 after the first pass)
-        Isa::Avx512Bf16 | Isa::Avx2 if t.a.len() < isa.packed_min_rows(&t.w) => {
-            // passes of equal size, each at most what the kernel takes
-            let max = match isa {
-                Isa::Avx2 => decode_avx2::MAX_ROWS,
-                _ => SKINNY_MAX_ROWS,
+        // few rows on AVX-512: the decode kernel, all rows in one sweep
+        Isa::Avx512Bf16 | Isa::Avx512Fma if t.a.len() < isa.packed_min_rows(&t.w) => {
+            // FP8 keeps two sums per (row, weight row): past 6 rows it runs
+            // passes of equal size (measured faster than a sweep over one
+            // weight row at a time)
+            let max = match t.w {
+                PackedMat::Fp8 { .. } => AVX512_FP8_SWEEP_ROWS,
+                PackedMat::Mxfp4 { .. } => AVX512_DECODE_MAX_ROWS,
             };
             let per = t.a.len().div_ceil(t.a.len().div_ceil(max).max(1)).max(1);
             for (a, c) in t.a.chunks(per).zip(t.c.chunks(per)) {
-                let chunk = QTile { a, c, ..*t };
-                if isa == Isa::Avx512Bf16 {
-                    avx512::skinny(&chunk)
-                } else {
-                    decode_avx2::skinny(&chunk)
-                }
+                avx512::skinny(&QTile { a, c, ..*t })
+            }
+            return;
+        }
+        // few rows on AVX2: the decode kernel over passes of its rows (the
+        // tile's weights stay in L2 after the first pass)
+        Isa::Avx2 if t.a.len() < isa.packed_min_rows(&t.w) => {
+            // passes of equal size, each at most what the kernel takes
+            let max = decode_avx2::MAX_ROWS;
+            let per = t.a.len().div_ceil(t.a.len().div_ceil(max).max(1)).max(1);
+            for (a, c) in t.a.chunks(per).zip(t.c.chunks(per)) {
+                decode_avx2::skinny(&QTile { a, c, ..*t })
             }
             return;
         }
         Isa::Avx512Bf16 if packed_bf16::supports(&t.w) => return packed_bf16::gemm(t),
-        Isa::Avx2 | Isa::Avx512Bf16 => return avx2::packed(t),
+        Isa::Avx2 => return avx2::packed(t, false),
+        Isa::Avx512Bf16 | Isa::Avx512Fma => return avx2::packed(t, true),
         Isa::Portable => {}
     }
     portable(t)
@@ -184,8 +207,8 @@ mod tests {
         if best != Isa::Portable {
             v.push(Isa::Avx2);
         }
-        if best == Isa::Avx512Bf16 {
-            v.push(Isa::Avx512Bf16);
+        if matches!(best, Isa::Avx512Bf16 | Isa::Avx512Fma) {
+            v.extend([Isa::Avx512Bf16, Isa::Avx512Fma]);
         }
         v
     }
@@ -209,7 +232,7 @@ mod tests {
         let mut rng = Lcg(7);
         // f32 activations, and bf16 ones (bf16 compute: no residual part);
         // activations of 2^40 make the AVX2 decode kernels scale them less
-        for (m, bf16_act, mag) in [1usize, 2, 3, 4, 5, 6, 7, 13, 19, 25]
+        for (m, bf16_act, mag) in [1usize, 2, 3, 4, 5, 6, 7, 9, 11, 13, 19, 25]
             .into_iter()
             .flat_map(|m| [(m, false, 1.0), (m, true, 1.0), (m, false, 2f32.powi(40))])
         {
@@ -250,15 +273,17 @@ mod tests {
                     let want: f32 = (0..k).map(|x| a[r * k + x] * deq(j, x)).sum();
                     let terms: f32 = (0..k).map(|x| (a[r * k + x] * deq(j, x)).abs()).sum();
                     let got = c[r * n + j];
-                    // f32 paths and W8A8 codes (exact products): rounding of
-                    // the sum; the bf16 dot products of f32 activations
-                    // (AVX-512 MXFP4 decode, every AVX-512 prefill) keep ~16
-                    // bits of each (high part + residual)
+                    // f32 paths (the FMA prefill too) and W8A8 codes (exact
+                    // products): rounding of the sum; the bf16 dot products
+                    // of f32 activations (AVX-512 MXFP4 decode, the
+                    // `vdpbf16ps` prefill) keep ~16 bits of each (high part
+                    // + residual)
                     let codes =
                         matches!(w, PackedMat::Fp8 { bk, .. } if act_group == Some(bk.min(k)));
-                    let rel = if isa == Isa::Avx512Bf16
-                        && !(codes && m > SKINNY_MAX_ROWS)
-                        && (matches!(w, PackedMat::Mxfp4 { .. }) || m > SKINNY_MAX_ROWS)
+                    let packed = m >= isa.packed_min_rows(&w);
+                    let rel = if matches!(isa, Isa::Avx512Bf16 | Isa::Avx512Fma)
+                        && (matches!(w, PackedMat::Mxfp4 { .. }) && !packed
+                            || isa == Isa::Avx512Bf16 && packed && !codes)
                     {
                         3e-5
                     } else {
