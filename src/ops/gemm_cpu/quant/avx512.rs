@@ -29,6 +29,84 @@ pub(super) static MX_BF16_LUTS: LazyLock<Vec<ScaledLut>> = LazyLock::new(|| {
         .collect()
 });
 
+/// For every e8m0 scale, the 16 e2m1 codes times that scale in f32 (a
+/// power of two: exact, as `e2m1_to_f32 · e8m0_to_f32`).
+#[repr(C, align(64))]
+pub(super) struct F32Lut([f32; 16]);
+
+static MX_F32_LUTS: LazyLock<Vec<F32Lut>> = LazyLock::new(|| {
+    (0..=255u8)
+        .map(|e| {
+            F32Lut(std::array::from_fn(|c| {
+                e2m1_to_f32(c as u8) * crate::format::mxfp4::e8m0_to_f32(e)
+            }))
+        })
+        .collect()
+});
+
+/// An activation row in MXFP4 group order for [`mx_block_fma`]: per group
+/// of 32, its 16 even then its 16 odd elements (the low and high nibbles
+/// of the group's 16 bytes).
+#[target_feature(enable = "avx512f")]
+unsafe fn even_odd_row(a: *const f32, k: usize) -> Vec<__m512> {
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    let mut v = Vec::with_capacity(k / MX_GROUP * 2);
+    for g in 0..k / MX_GROUP {
+        let x0 = _mm512_loadu_ps(a.add(g * MX_GROUP));
+        let x1 = _mm512_loadu_ps(a.add(g * MX_GROUP + 16));
+        v.push(_mm512_permutex2var_ps(x0, even, x1));
+        v.push(_mm512_permutex2var_ps(x0, odd, x1));
+    }
+    v
+}
+
+/// MXFP4 in f32 FMAs, for CPUs where 512-bit FMAs out-run `vdpbf16ps`:
+/// a group's 16 bytes widen to dword lanes whose low 4 bits index its
+/// scaled f32 table (`vpermps` reads only those bits) for the even
+/// elements, shifted right 4 for the odd ones; the products are exact f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn mx_block_fma<const M: usize, const NW: usize>(
+    rows: &[Vec<__m512>],
+    q: &[u8],
+    scales: &[u8],
+    k: usize,
+    n: usize,
+    out: &mut [[f32; NW]; M],
+) {
+    let luts = &*MX_F32_LUTS;
+    let mut acc = [[_mm512_setzero_ps(); NW]; M];
+    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k / 2));
+    let sp: [*const u8; NW] = std::array::from_fn(|j| scales.as_ptr().add((n + j) * k / MX_GROUP));
+    let ap: [*const __m512; M] = std::array::from_fn(|m| rows[m].as_ptr());
+    for gi in 0..k / MX_GROUP {
+        if gi % 4 == 0 {
+            for p in wp {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8
+                );
+            }
+        }
+        for j in 0..NW {
+            let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(wp[j].add(gi * 16) as *const __m128i));
+            // the scale byte indexes a table of 256: no bounds check needed
+            let lut = _mm512_load_ps(luts.get_unchecked(*sp[j].add(gi) as usize).0.as_ptr());
+            let w0 = _mm512_permutexvar_ps(x, lut);
+            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(x), lut);
+            for m in 0..M {
+                acc[m][j] = _mm512_fmadd_ps(w0, *ap[m].add(2 * gi), acc[m][j]);
+                acc[m][j] = _mm512_fmadd_ps(w1, *ap[m].add(2 * gi + 1), acc[m][j]);
+            }
+        }
+    }
+    for m in 0..M {
+        for j in 0..NW {
+            out[m][j] = _mm512_reduce_add_ps(acc[m][j]);
+        }
+    }
+}
+
 /// MXFP4: `NW` rows from `n` against `M` split activation rows. Each
 /// group's scale is folded into the looked-up bf16 weights, so the dot
 /// products accumulate straight into one sum per (row, weight row), the
@@ -125,7 +203,15 @@ impl Lanes for __m512 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
+unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>, fma: bool) {
+    if let (PackedMat::Mxfp4 { q, scales, k }, true) = (t.w, fma) {
+        let rows: Vec<Vec<__m512>> = t.a.iter().map(|&a| even_odd_row(a, k)).collect();
+        return for_row_blocks::<M, NW>(
+            t,
+            |n, out| mx_block_fma::<M, NW>(&rows, q, scales, k, n, out),
+            |n, out| mx_block_fma::<M, 1>(&rows, q, scales, k, n, out),
+        );
+    }
     let (split, res): (Vec<SplitRow>, bool) = match t.w {
         PackedMat::Mxfp4 { k, .. } => split_rows(t.a, k),
         PackedMat::Fp8 { .. } => (vec![], false),
@@ -162,8 +248,9 @@ unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
 /// All of the tile's rows (MXFP4: at most [`AVX512_DECODE_MAX_ROWS`], FP8:
 /// [`AVX512_FP8_SWEEP_ROWS`]) in one sweep: every weight is read and
 /// decoded once, its products with each row accumulate in registers.
+/// `fma`: MXFP4 in f32 FMAs ([`mx_block_fma`]), else in `vdpbf16ps`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(super) unsafe fn skinny(t: &QTile<'_>) {
+pub(super) unsafe fn skinny(t: &QTile<'_>, fma: bool) {
     // weight rows per block sized so the sums and decoded weights stay in
     // the 32 zmm registers: MXFP4 keeps one sum per (row, weight row), FP8
     // two (the k-block's partial sum and the total) and two decoded vectors
@@ -179,22 +266,22 @@ pub(super) unsafe fn skinny(t: &QTile<'_>) {
     );
     match (t.a.len(), mx) {
         (0, _) => {}
-        (1, true) => skinny_m::<1, 8>(t),
-        (2, true) => skinny_m::<2, 8>(t),
-        (3, true) => skinny_m::<3, 8>(t),
-        (4, true) => skinny_m::<4, 4>(t),
-        (5, true) => skinny_m::<5, 4>(t),
-        (6, true) => skinny_m::<6, 4>(t),
-        (7, true) => skinny_m::<7, 2>(t),
-        (8, true) => skinny_m::<8, 2>(t),
-        (9, true) => skinny_m::<9, 2>(t),
-        (10, true) => skinny_m::<10, 2>(t),
-        (_, true) => skinny_m::<11, 2>(t),
-        (1, false) => skinny_m::<1, 4>(t),
-        (2, false) => skinny_m::<2, 4>(t),
-        (3, false) => skinny_m::<3, 2>(t),
-        (4, false) => skinny_m::<4, 2>(t),
-        (5, false) => skinny_m::<5, 2>(t),
-        (_, false) => skinny_m::<6, 2>(t),
+        (1, true) => skinny_m::<1, 8>(t, fma),
+        (2, true) => skinny_m::<2, 8>(t, fma),
+        (3, true) => skinny_m::<3, 8>(t, fma),
+        (4, true) => skinny_m::<4, 4>(t, fma),
+        (5, true) => skinny_m::<5, 4>(t, fma),
+        (6, true) => skinny_m::<6, 4>(t, fma),
+        (7, true) => skinny_m::<7, 2>(t, fma),
+        (8, true) => skinny_m::<8, 2>(t, fma),
+        (9, true) => skinny_m::<9, 2>(t, fma),
+        (10, true) => skinny_m::<10, 2>(t, fma),
+        (_, true) => skinny_m::<11, 2>(t, fma),
+        (1, false) => skinny_m::<1, 4>(t, fma),
+        (2, false) => skinny_m::<2, 4>(t, fma),
+        (3, false) => skinny_m::<3, 2>(t, fma),
+        (4, false) => skinny_m::<4, 2>(t, fma),
+        (5, false) => skinny_m::<5, 2>(t, fma),
+        (_, false) => skinny_m::<6, 2>(t, fma),
     }
 }

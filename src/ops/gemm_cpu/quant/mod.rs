@@ -133,7 +133,7 @@ pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
             };
             let per = t.a.len().div_ceil(t.a.len().div_ceil(max).max(1)).max(1);
             for (a, c) in t.a.chunks(per).zip(t.c.chunks(per)) {
-                avx512::skinny(&QTile { a, c, ..*t })
+                avx512::skinny(&QTile { a, c, ..*t }, isa == Isa::Avx512Fma)
             }
             return;
         }
@@ -273,17 +273,15 @@ mod tests {
                     let want: f32 = (0..k).map(|x| a[r * k + x] * deq(j, x)).sum();
                     let terms: f32 = (0..k).map(|x| (a[r * k + x] * deq(j, x)).abs()).sum();
                     let got = c[r * n + j];
-                    // f32 paths (the FMA prefill too) and W8A8 codes (exact
+                    // f32 paths (all of Avx512Fma) and W8A8 codes (exact
                     // products): rounding of the sum; the bf16 dot products
-                    // of f32 activations (AVX-512 MXFP4 decode, the
-                    // `vdpbf16ps` prefill) keep ~16 bits of each (high part
-                    // + residual)
+                    // of f32 activations (Avx512Bf16: MXFP4 decode and the
+                    // prefill) keep ~16 bits of each (high part + residual)
                     let codes =
                         matches!(w, PackedMat::Fp8 { bk, .. } if act_group == Some(bk.min(k)));
                     let packed = m >= isa.packed_min_rows(&w);
-                    let rel = if matches!(isa, Isa::Avx512Bf16 | Isa::Avx512Fma)
-                        && (matches!(w, PackedMat::Mxfp4 { .. }) && !packed
-                            || isa == Isa::Avx512Bf16 && packed && !codes)
+                    let rel = if isa == Isa::Avx512Bf16
+                        && (matches!(w, PackedMat::Mxfp4 { .. }) || packed && !codes)
                     {
                         3e-5
                     } else {
