@@ -9,7 +9,8 @@
 //!   comes from memory once, which is what a memory-bound step needs.
 //! - *packed* (more rows): a 16-column strip of W is widened and transposed
 //!   into an L1-sized panel, then a 6×16 register-blocked FMA kernel runs over
-//!   groups of 6 rows (the classic BLIS shape).
+//!   groups of 6 rows (the classic BLIS shape), or on AVX-512 CPUs that
+//!   issue two 512-bit FMAs per cycle a 12×16 one (`kernel_avx512`).
 //!
 //! AVX2+FMA+F16C is detected at run time; other CPUs use portable loops.
 
