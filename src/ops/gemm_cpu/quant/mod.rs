@@ -7,10 +7,11 @@
 //!
 //! Few rows (decode steps, small expert segments) run a decode kernel that
 //! fuses the widening into dot products, every weight byte read once
-//! (AVX2: [`decode_avx2`], shifts and masks; AVX-512: `avx512`); more rows
-//! decode a 16-column strip into the f32 panel of the dense packed kernel
-//! and reuse its 6×16 FMA tile (AVX2, widening through F16C and a byte
-//! table), or run `packed_bf16` on AVX-512 BF16.
+//! (AVX2: [`decode_avx2`], shifts and masks; AVX-512: `avx512`, all of a
+//! tile's rows in one sweep); more rows decode a 16-column strip into the
+//! f32 panel of the dense packed kernel and reuse its FMA tile (6×16 on
+//! AVX2, 12×16 on AVX-512; widening through F16C and a byte table), or run
+//! `packed_bf16` where `vdpbf16ps` out-runs 512-bit FMAs.
 
 #[cfg(target_arch = "x86_64")]
 mod skinny;
@@ -48,10 +49,10 @@ pub unsafe fn qgemm_tile(t: &QTile<'_>) {
     qgemm_tile_with(t, Isa::detect())
 }
 
-/// Rows the AVX-512 decode kernel runs before the packed kernel takes over
-/// (MXFP4: all in one sweep over the weights).
+/// Rows of one AVX-512 MXFP4 decode sweep over the weights (more rows run
+/// as sweeps of equal size, up to `Isa::packed_min_rows`).
 const AVX512_DECODE_MAX_ROWS: usize = 11;
-/// Rows of one AVX-512 FP8 decode sweep.
+/// Rows of one AVX-512 FP8 decode sweep (two sums per (row, weight row)).
 const AVX512_FP8_SWEEP_ROWS: usize = 6;
 
 /// Instruction sets the kernels can use (tests run each one).
