@@ -425,47 +425,10 @@ pub(crate) mod avx2 {
 
     /// `wide`: the 12-row 512-bit tile ([`super::kernel_avx512`]; the
     /// caller checked AVX-512F), else the 6-row AVX2 one.
-    /// Rows of the register tile.
-    pub(crate) fn tile_rows(wide: bool) -> usize {
-        if wide {
-            kernel_avx512::MR_WIDE
-        } else {
-            MR
-        }
-    }
-
-    /// The register tile over rows `mg..` of `a` / `c` (at most a tile's
-    /// worth), from column `k0` of `a` into column `col` of `c`: 12×16 in
-    /// zmm when `wide` (the caller checked AVX-512F), else 6×16.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn group_tile(
-        wide: bool,
-        (a, c): (&[*const f32], &[*mut f32]),
-        mg: usize,
-        (k0, col): (usize, usize),
-        panel: &[f32],
-        kc: usize,
-        ns: usize,
-    ) {
-        let mr = tile_rows(wide).min(a.len() - mg);
-        // missing rows re-read row `mg`; their results are not stored
-        let row = |r: usize| mg + if r < mr { r } else { 0 };
-        if wide {
-            let ap = std::array::from_fn(|r| a[row(r)].add(k0));
-            let cp = std::array::from_fn(|r| c[row(r)].add(col));
-            kernel_avx512::kernel_12x16(ap, panel, kc, cp, mr, ns, k0 > 0);
-        } else {
-            let ap = std::array::from_fn(|r| a[row(r)].add(k0));
-            let cp = std::array::from_fn(|r| c[row(r)].add(col));
-            kernel_6x16(ap, panel, kc, cp, mr, ns, k0 > 0);
-        }
-    }
-
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn packed<W: WeightElem>(t: &Tile<'_, W>, wide: bool) {
         let m = t.a.len();
-        let mr_max = tile_rows(wide);
+        let mr_max = if wide { kernel_avx512::MR_WIDE } else { MR };
         let mut panel = vec![0f32; KC * NR];
         let mut k0 = 0;
         while k0 < t.k {
@@ -498,7 +461,18 @@ pub(crate) mod avx2 {
                     if let Some(st) = next {
                         prefetch_strip(t.w, t.k, st, mg / mr_max, groups);
                     }
-                    group_tile(wide, (t.a, t.c), mg, (k0, s - t.n0), &panel, kc, ns);
+                    let mr = mr_max.min(m - mg);
+                    // missing rows re-read row `mg`; their results are not stored
+                    let row = |r: usize| mg + if r < mr { r } else { 0 };
+                    if wide {
+                        let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
+                        let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                        kernel_avx512::kernel_12x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                    } else {
+                        let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
+                        let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                        kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                    }
                     mg += mr_max;
                 }
                 s += NR;

@@ -1,7 +1,8 @@
 //! AVX2 + FMA + F16C prefill of the quantized GEMM: weight strips decoded
 //! into the f32 panels of the dense 6×16 kernel.
 
-use super::super::avx2::{group_tile, tile_rows, transpose8};
+use super::super::avx2::{kernel_6x16, transpose8};
+use super::super::kernel_avx512::{kernel_12x16, MR_WIDE};
 use super::*;
 use std::arch::x86_64::*;
 
@@ -160,7 +161,7 @@ pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
     let k = t.w.k();
     let mut panel = vec![0f32; KC * NR];
     let mut rows = vec![0f32; KC * NR];
-    let mr_max = tile_rows(wide);
+    let mr_max = if wide { MR_WIDE } else { MR };
     let groups = m.div_ceil(mr_max);
     let mut k0 = 0;
     while k0 < k {
@@ -182,7 +183,18 @@ pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
                 if let Some(st) = next {
                     prefetch_strip(&t.w, st, (mg / mr_max, groups));
                 }
-                group_tile(wide, (t.a, t.c), mg, (k0, s - t.n0), &panel, kc, ns);
+                let mr = mr_max.min(m - mg);
+                // missing rows re-read row `mg`; their results are not stored
+                let row = |r: usize| mg + if r < mr { r } else { 0 };
+                if wide {
+                    let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
+                    let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                    kernel_12x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                } else {
+                    let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
+                    let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                    kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                }
                 mg += mr_max;
             }
             s += NR;

@@ -16,7 +16,7 @@
 #[cfg(target_arch = "x86_64")]
 mod skinny;
 
-use super::{has_avx2, KC, NR};
+use super::{has_avx2, KC, MR, NR};
 use crate::format::mxfp4::{e2m1_to_f32, MX_GROUP};
 use crate::format::PackedMat;
 use std::sync::LazyLock;
@@ -123,23 +123,29 @@ impl Isa {
 pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        // few rows: the decode kernel over passes of equal size, each at
-        // most what the kernel takes (AVX-512: its rows in one sweep; FP8
-        // keeps two sums per (row, weight row), so it takes fewer)
-        Isa::Avx2 | Isa::Avx512Bf16 | Isa::Avx512Fma if t.a.len() < isa.packed_min_rows(&t.w) => {
-            let max = match (isa, t.w) {
-                (Isa::Avx2, _) => decode_avx2::MAX_ROWS,
-                (_, PackedMat::Fp8 { .. }) => AVX512_FP8_SWEEP_ROWS,
-                (_, PackedMat::Mxfp4 { .. }) => AVX512_DECODE_MAX_ROWS,
+        // few rows on AVX-512: the decode kernel, all rows in one sweep
+        Isa::Avx512Bf16 | Isa::Avx512Fma if t.a.len() < isa.packed_min_rows(&t.w) => {
+            // FP8 keeps two sums per (row, weight row): past 6 rows it runs
+            // passes of equal size (measured faster than a sweep over one
+            // weight row at a time)
+            let max = match t.w {
+                PackedMat::Fp8 { .. } => AVX512_FP8_SWEEP_ROWS,
+                PackedMat::Mxfp4 { .. } => AVX512_DECODE_MAX_ROWS,
             };
             let per = t.a.len().div_ceil(t.a.len().div_ceil(max).max(1)).max(1);
             for (a, c) in t.a.chunks(per).zip(t.c.chunks(per)) {
-                let chunk = QTile { a, c, ..*t };
-                if isa == Isa::Avx2 {
-                    decode_avx2::skinny(&chunk)
-                } else {
-                    avx512::skinny(&chunk, isa == Isa::Avx512Fma)
-                }
+                avx512::skinny(&QTile { a, c, ..*t }, isa == Isa::Avx512Fma)
+            }
+            return;
+        }
+        // few rows on AVX2: the decode kernel over passes of its rows (the
+        // tile's weights stay in L2 after the first pass)
+        Isa::Avx2 if t.a.len() < isa.packed_min_rows(&t.w) => {
+            // passes of equal size, each at most what the kernel takes
+            let max = decode_avx2::MAX_ROWS;
+            let per = t.a.len().div_ceil(t.a.len().div_ceil(max).max(1)).max(1);
+            for (a, c) in t.a.chunks(per).zip(t.c.chunks(per)) {
+                decode_avx2::skinny(&QTile { a, c, ..*t })
             }
             return;
         }
