@@ -73,33 +73,54 @@ fn run_tiles(a: &[f32], k: usize, n: usize, row_bytes: usize, tile: &RowTileFn<'
     out
 }
 
-/// bf16 weights, 1–3 rows, AVX-512 BF16: the rows are split into bf16
-/// parts once, not once per column tile.
+/// bf16 weights, fewer rows than the packed kernels take
+/// ([`bf16_decode_takes`]): the rows are prepared for the decode kernel
+/// once (even/odd order for the FMA kernel, split into bf16 parts for the
+/// `vdpbf16ps` one), not once per column tile.
 #[cfg(target_arch = "x86_64")]
 fn bf16_decode(a: &[f32], k: usize, w: &[bf16], n: usize) -> Vec<f32> {
-    use super::gemm_cpu::bf16_avx512::{skinny_split, split_rows};
+    use super::gemm_cpu::{bf16_avx512, bf16_fma};
     let m = a.len().checked_div(k).unwrap_or(0);
     let ap: Vec<*const f32> = (0..m).map(|r| a[r * k..].as_ptr()).collect();
+    // every tile of the decode path holds all m rows (run_tiles: one row
+    // chunk, m < ROW_CHUNK), so the rows prepared here are the tile's
+    if bf16_fma::takes(m) {
+        // SAFETY: the rows are k long in `a`; `takes` checked the features
+        let rows = unsafe { bf16_fma::prepare(&ap, k) };
+        return run_tiles(a, k, n, 2 * k, &|ap, n0, n1, cp| {
+            let t = Tile {
+                a: ap,
+                w,
+                k,
+                n0,
+                n1,
+                c: cp,
+            };
+            // SAFETY: as in `dense`; `rows` are the tile's rows prepared
+            unsafe { bf16_fma::gemm_prepared(&t, &rows) }
+        });
+    }
     // SAFETY: the rows are k long in `a`; the caller checked the features
-    let (rows, res) = unsafe { split_rows(&ap, k) };
+    let (rows, res) = unsafe { bf16_avx512::split_rows(&ap, k) };
     run_tiles(a, k, n, 2 * k, &|ap, n0, n1, cp| {
-        // SAFETY: as in `dense`; `rows` are the split of all m rows, which
-        // every tile of the decode path holds (run_tiles: one row chunk)
-        unsafe {
-            skinny_split(
-                &Tile {
-                    a: ap,
-                    w,
-                    k,
-                    n0,
-                    n1,
-                    c: cp,
-                },
-                &rows,
-                res,
-            )
-        }
+        let t = Tile {
+            a: ap,
+            w,
+            k,
+            n0,
+            n1,
+            c: cp,
+        };
+        // SAFETY: as in `dense`; `rows` are the tile's rows split
+        unsafe { bf16_avx512::skinny_split(&t, &rows, res) }
     })
+}
+
+/// Whether `m` rows over bf16 weights take [`bf16_decode`].
+#[cfg(target_arch = "x86_64")]
+fn bf16_decode_takes(m: usize) -> bool {
+    use super::gemm_cpu::{bf16_avx512, bf16_fma};
+    bf16_fma::takes(m) || (m <= SKINNY_MAX_ROWS && bf16_avx512::available())
 }
 
 fn dense<W: WeightElem>(a: &[f32], k: usize, w: &[W], n: usize) -> Vec<f32> {
@@ -167,9 +188,7 @@ impl DenseLinear {
             None => match sw.dtype() {
                 DType::F32 => dense(&a, k, contiguous::<f32>(sw, lw, "linear weight")?, n),
                 #[cfg(target_arch = "x86_64")]
-                DType::BF16
-                    if m <= SKINNY_MAX_ROWS && super::gemm_cpu::bf16_avx512::available() =>
-                {
+                DType::BF16 if bf16_decode_takes(m) => {
                     bf16_decode(&a, k, contiguous::<bf16>(sw, lw, "linear weight")?, n)
                 }
                 DType::BF16 => dense(&a, k, contiguous::<bf16>(sw, lw, "linear weight")?, n),
@@ -234,7 +253,7 @@ impl CustomOp2 for DenseLinear {
             && self.args.act_quant_group.is_none()
             && sx.dtype() == DType::BF16
             && sw.dtype() == DType::BF16
-            && m > SKINNY_MAX_ROWS
+            && m >= super::gemm_cpu::bf16_packed_min_rows()
             && k % 2 == 0
             && super::gemm_cpu::bf16_avx512::available();
         #[cfg(not(target_arch = "x86_64"))]

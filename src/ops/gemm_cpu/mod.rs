@@ -17,6 +17,8 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16_avx512;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16_fma;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16_packed;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gemv_avx2;
@@ -48,13 +50,13 @@ pub trait WeightElem: Copy + Send + Sync + 'static {
     }
     /// Whether `load16` returns the permuted order.
     const PERMUTED16: bool = false;
-    /// Runs a decode tile (≤ 3 rows) on a kernel specific to this element
-    /// type and CPU; false if there is none.
+    /// Runs the tile on a kernel specific to this element type, CPU and
+    /// row count; false if there is none.
     ///
     /// # Safety
     /// As [`gemm_tile`].
     #[cfg(target_arch = "x86_64")]
-    unsafe fn skinny_special(_t: &Tile<'_, Self>) -> bool
+    unsafe fn special(_t: &Tile<'_, Self>) -> bool
     where
         Self: Sized,
     {
@@ -123,8 +125,12 @@ impl WeightElem for bf16 {
     }
     const PERMUTED16: bool = true;
     #[cfg(target_arch = "x86_64")]
-    unsafe fn skinny_special(t: &Tile<'_, Self>) -> bool {
-        if bf16_avx512::available() {
+    unsafe fn special(t: &Tile<'_, Self>) -> bool {
+        if bf16_fma::takes(t.a.len()) {
+            bf16_fma::gemm(t);
+            return true;
+        }
+        if t.a.len() <= SKINNY_MAX_ROWS && bf16_avx512::available() {
             bf16_avx512::skinny(t);
             return true;
         }
@@ -158,6 +164,19 @@ pub(crate) fn test_rand(n: usize, seed: u64) -> Vec<f32> {
             (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         })
         .collect()
+}
+
+/// Rows from which bf16 × bf16 tiles take the packed AVX-512 BF16 kernel
+/// ([`bf16_packed`]): past the skinny kernel's rows (it costs about the
+/// same for 4 to 8 rows as for 3, bench_linear 1408×2048), or where 512-bit
+/// FMAs out-run `vdpbf16ps`, past the FMA decode kernel's.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn bf16_packed_min_rows() -> usize {
+    if bf16_fma::available() {
+        bf16_fma::PACKED_MIN_ROWS
+    } else {
+        SKINNY_MAX_ROWS + 1
+    }
 }
 
 /// Rows handled by the skinny kernel at most.
@@ -208,7 +227,7 @@ pub struct Tile<'a, W> {
 pub unsafe fn gemm_tile<W: WeightElem>(t: &Tile<'_, W>) {
     debug_assert!(t.w.len() >= t.n1 * t.k);
     #[cfg(target_arch = "x86_64")]
-    if t.a.len() <= SKINNY_MAX_ROWS && W::skinny_special(t) {
+    if W::special(t) {
         return;
     }
     #[cfg(target_arch = "x86_64")]

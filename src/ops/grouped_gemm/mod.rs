@@ -11,6 +11,8 @@ mod cuda;
 pub use cuda::CudaGemmKernel;
 
 use super::align::{AlignLayout, AlignedRouting, NON_LOCAL_EXPERT};
+#[cfg(target_arch = "x86_64")]
+use super::gemm_cpu::bf16_packed_min_rows;
 use super::gemm_cpu::quant::{qgemm_tile, QTile};
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
 use super::{contiguous, SendPtr};
@@ -20,12 +22,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
-
-/// Rows of one expert from which bf16 × bf16 segments take the packed
-/// AVX-512 BF16 kernel: past the skinny kernel's 3 rows it costs about the
-/// same for 4 to 8 rows (bench_linear, 1408×2048: 0.31 ms at 4, 6 and 8
-/// rows against 0.34–0.58 ms through the f32 kernel), as the dense linear.
-const BF16_PACKED_MIN_ROWS: usize = SKINNY_MAX_ROWS + 1;
 
 /// Options of one grouped GEMM.
 #[derive(Clone, Debug, Default)]
@@ -252,8 +248,8 @@ impl GroupedGemm {
 
     /// [`Self::run`] for bf16 weights with bf16 activations `a16` (the same
     /// values as `a`) on AVX-512 BF16: segments of at least
-    /// [`BF16_PACKED_MIN_ROWS`] rows run the bf16 × bf16 packed kernel,
-    /// fewer the bf16 decode kernel.
+    /// [`bf16_packed_min_rows`] rows run the bf16 × bf16 packed kernel,
+    /// fewer a bf16 decode kernel.
     #[cfg(target_arch = "x86_64")]
     fn run_bf16(
         &self,
@@ -265,10 +261,11 @@ impl GroupedGemm {
     ) -> Result<Vec<f32>> {
         let e_local = w.len().checked_div(n * k).unwrap_or(0);
         let base = a.as_ptr() as usize;
+        let packed_min = bf16_packed_min_rows();
         let b16 = SendPtr(a16.as_ptr() as *mut bf16);
         self.run_tiles(a, k, n, e_local, 2 * k, buf, &|e, ap, n0, n1, cp| {
             let ew = &w[e * n * k..(e + 1) * n * k];
-            if ap.len() >= BF16_PACKED_MIN_ROWS {
+            if ap.len() >= packed_min {
                 // the same row of the bf16 copy: the same element offset
                 let ap16: Vec<*const bf16> = ap
                     .iter()

@@ -5,6 +5,7 @@
 //! widen through f16 32 at a time.
 
 use super::super::bf16_avx512::{split_rows, SplitRow};
+use super::super::kernel_avx512::{even_odd_row, EvenOddRow};
 use super::skinny::{for_row_blocks, fp8_block, Lanes};
 use super::*;
 use std::arch::x86_64::*;
@@ -44,23 +45,6 @@ static MX_F32_LUTS: LazyLock<Vec<F32Lut>> = LazyLock::new(|| {
         .collect()
 });
 
-/// An activation row in MXFP4 group order for [`mx_block_fma`]: per group
-/// of 32, its 16 even then its 16 odd elements (the low and high nibbles
-/// of the group's 16 bytes).
-#[target_feature(enable = "avx512f")]
-unsafe fn even_odd_row(a: *const f32, k: usize) -> Vec<__m512> {
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    let mut v = Vec::with_capacity(k / MX_GROUP * 2);
-    for g in 0..k / MX_GROUP {
-        let x0 = _mm512_loadu_ps(a.add(g * MX_GROUP));
-        let x1 = _mm512_loadu_ps(a.add(g * MX_GROUP + 16));
-        v.push(_mm512_permutex2var_ps(x0, even, x1));
-        v.push(_mm512_permutex2var_ps(x0, odd, x1));
-    }
-    v
-}
-
 /// MXFP4 in f32 FMAs, for CPUs where 512-bit FMAs out-run `vdpbf16ps`:
 /// a group's 16 bytes widen to dword lanes whose low 4 bits index its
 /// scaled f32 table (`vpermps` reads only those bits) for the even
@@ -68,7 +52,7 @@ unsafe fn even_odd_row(a: *const f32, k: usize) -> Vec<__m512> {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn mx_block_fma<const M: usize, const NW: usize>(
-    rows: &[Vec<__m512>],
+    rows: &[EvenOddRow],
     q: &[u8],
     scales: &[u8],
     k: usize,
@@ -79,7 +63,7 @@ unsafe fn mx_block_fma<const M: usize, const NW: usize>(
     let mut acc = [[_mm512_setzero_ps(); NW]; M];
     let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k / 2));
     let sp: [*const u8; NW] = std::array::from_fn(|j| scales.as_ptr().add((n + j) * k / MX_GROUP));
-    let ap: [*const __m512; M] = std::array::from_fn(|m| rows[m].as_ptr());
+    let ap: [*const __m512; M] = std::array::from_fn(|m| rows[m].0.as_ptr());
     for gi in 0..k / MX_GROUP {
         if gi % 4 == 0 {
             for p in wp {
@@ -205,7 +189,7 @@ impl Lanes for __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>, fma: bool) {
     if let (PackedMat::Mxfp4 { q, scales, k }, true) = (t.w, fma) {
-        let rows: Vec<Vec<__m512>> = t.a.iter().map(|&a| even_odd_row(a, k)).collect();
+        let rows: Vec<EvenOddRow> = t.a.iter().map(|&a| even_odd_row(a, k)).collect();
         return for_row_blocks::<M, NW>(
             t,
             |n, out| mx_block_fma::<M, NW>(&rows, q, scales, k, n, out),
