@@ -1,20 +1,19 @@
-//! Decode kernel (up to [`MAX_ROWS`] rows per sweep) for bf16 weights in
-//! 512-bit f32 FMAs, for CPUs where those out-run `vdpbf16ps` (Intel cores
-//! issue it at half the FMA rate). A weight line of 32 bf16 widens into
-//! its even elements (a shift) and its odd ones (a mask), against
-//! activation rows kept in the same even/odd order; the products are exact
-//! f32, so f32 activations need no bf16 residual. Every weight is read and
-//! widened once for all rows of a sweep.
+//! Decode kernel for bf16 weights in 512-bit f32 FMAs, for CPUs where
+//! those out-run `vdpbf16ps` (Intel cores issue it at half the FMA rate).
+//! A weight line of 32 bf16 widens into its even elements (a shift) and its
+//! odd ones (a mask), against activation rows kept in the same even/odd
+//! order ([`EvenOddRows`]); the products are exact f32, so f32 activations
+//! need no bf16 residual. Every weight is read and widened once for all
+//! rows of a sweep (at most [`even_odd::MAX_ROWS`]).
 
-use super::kernel_avx512::{even_odd_row, EvenOddRow};
+use super::even_odd::{self, EvenOddBlock, EvenOddRows};
 use super::Tile;
 use half::bf16;
 use std::arch::x86_64::*;
 
-/// Rows of one sweep: one sum per (row, weight row) in registers.
-pub(crate) const MAX_ROWS: usize = 11;
-
-/// Rows from which the packed kernels take over from sweeps of this one.
+/// Rows from which the packed kernels take over from sweeps of this one
+/// (bench_linear 1408×2048 and 2048×1408: even with `bf16_packed` at 24–48
+/// rows, 0.79–0.88× the f32 FMA tile's time at 24–32).
 pub(crate) const PACKED_MIN_ROWS: usize = 24;
 
 /// Whether the CPU runs this kernel and it is the one to use: AVX-512 F/BW
@@ -37,142 +36,97 @@ pub(crate) fn takes(rows: usize) -> bool {
 /// Prefetch distance in weight rows (the tile's rows are one stream).
 const AHEAD_ROWS: usize = 8;
 
-/// Activation bytes one K chunk of a sweep may hold, so they stay in L1
-/// while the chunk meets every weight row of the tile (past that, 7–11
-/// rows read their activations from L2 once per weight-row block).
-const CHUNK_BYTES: usize = 32 << 10;
-
-/// Adds groups `g0..g1` of `NW` weight rows from `n` times `M` even/odd
-/// activation rows into the partial sums `acc[j * M + m]`; `tail`: the
-/// chunk ends with K's last, partial group.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block<const M: usize, const NW: usize>(
-    rows: &[EvenOddRow],
+/// One bf16 weight matrix `[N, k]`.
+struct Bf16Block {
     w: *const bf16,
     k: usize,
-    n: usize,
-    (g0, g1): (usize, usize),
-    tail: bool,
-    sums: *mut __m512,
-) {
-    let mut acc: [[__m512; NW]; M] =
-        std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)));
-    let wp: [*const bf16; NW] = std::array::from_fn(|j| w.add((n + j) * k));
-    let ap: [*const __m512; M] = std::array::from_fn(|m| rows[m].0.as_ptr());
-    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
-    let widen = |x: __m512i| {
-        (
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)),
-            _mm512_castsi512_ps(_mm512_and_si512(x, high)),
-        )
-    };
-    for g in g0..g1 {
-        // one cache line per weight row and group
-        for p in wp {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(g * 32 + AHEAD_ROWS * k) as *const i8);
-        }
-        for j in 0..NW {
-            let (even, odd) = widen(_mm512_loadu_si512(wp[j].add(g * 32) as *const _));
-            for m in 0..M {
-                acc[m][j] = _mm512_fmadd_ps(even, *ap[m].add(2 * g), acc[m][j]);
-                acc[m][j] = _mm512_fmadd_ps(odd, *ap[m].add(2 * g + 1), acc[m][j]);
+}
+
+impl EvenOddBlock for Bf16Block {
+    fn groups(&self) -> usize {
+        self.k.div_ceil(32)
+    }
+
+    /// A group past K's last full one is the partial tail (missing weights
+    /// load as zero, as do the activations there).
+    #[inline(always)]
+    unsafe fn block<const M: usize, const NW: usize>(
+        &self,
+        a: *const __m512,
+        n: usize,
+        (g0, g1): (usize, usize),
+        sums: *mut __m512,
+    ) {
+        let k = self.k;
+        let mut acc: [[__m512; NW]; M] =
+            std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)));
+        let wp: [*const bf16; NW] = std::array::from_fn(|j| self.w.add((n + j) * k));
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let widen = |x: __m512i| {
+            (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)),
+                _mm512_castsi512_ps(_mm512_and_si512(x, high)),
+            )
+        };
+        let full = k / 32;
+        for g in g0..g1 {
+            let wv: [(__m512, __m512); NW] = std::array::from_fn(|j| {
+                let p = wp[j].add(g * 32);
+                // one cache line per weight row and group
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD_ROWS * k) as *const i8);
+                widen(if g < full {
+                    _mm512_loadu_si512(p as *const _)
+                } else {
+                    _mm512_maskz_loadu_epi16((1u32 << (k - full * 32)) - 1, p as *const i16)
+                })
+            });
+            let ag = a.add(g * M * 2);
+            for (m, acc) in acc.iter_mut().enumerate() {
+                let (even, odd) = (*ag.add(2 * m), *ag.add(2 * m + 1));
+                for (acc, w) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_fmadd_ps(w.0, even, *acc);
+                    *acc = _mm512_fmadd_ps(w.1, odd, *acc);
+                }
             }
         }
-    }
-    if tail {
-        // missing weights load as zero (the activations are zero there too)
-        let mask = (1u32 << (k - g1 * 32)) - 1;
-        for j in 0..NW {
-            let x = _mm512_maskz_loadu_epi16(mask, wp[j].add(g1 * 32) as *const i16);
-            let (even, odd) = widen(x);
-            for m in 0..M {
-                acc[m][j] = _mm512_fmadd_ps(even, *ap[m].add(2 * g1), acc[m][j]);
-                acc[m][j] = _mm512_fmadd_ps(odd, *ap[m].add(2 * g1 + 1), acc[m][j]);
+        for (m, acc) in acc.iter().enumerate() {
+            for (j, v) in acc.iter().enumerate() {
+                *sums.add(j * M + m) = *v;
             }
-        }
-    }
-    for (m, acc) in acc.iter().enumerate() {
-        for (j, v) in acc.iter().enumerate() {
-            *sums.add(j * M + m) = *v;
         }
     }
 }
 
-/// The tile in K chunks of at most [`CHUNK_BYTES`] of activations; in each
-/// the weight rows `NW` at a time, then one at a time. The partial sums
-/// live in memory between chunks (one zmm per output).
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn rows_m<const M: usize, const NW: usize>(t: &Tile<'_, bf16>, rows: &[EvenOddRow]) {
-    let cols = t.n1 - t.n0;
-    let mut sums = vec![_mm512_setzero_ps(); cols * M];
-    let full = t.k / 32;
-    let chunk = (CHUNK_BYTES / (M * 128)).max(1);
-    let mut g0 = 0;
-    loop {
-        let g1 = (g0 + chunk).min(full);
-        let tail = g1 == full && full * 32 < t.k;
-        let mut n = t.n0;
-        while n < t.n1 {
-            let s = sums.as_mut_ptr().add((n - t.n0) * M);
-            if n + NW <= t.n1 {
-                block::<M, NW>(rows, t.w.as_ptr(), t.k, n, (g0, g1), tail, s);
-                n += NW;
-            } else {
-                block::<M, 1>(rows, t.w.as_ptr(), t.k, n, (g0, g1), tail, s);
-                n += 1;
-            }
-        }
-        if g1 == full {
-            break;
-        }
-        g0 = g1;
-    }
-    for (col, s) in sums.chunks_exact(M).enumerate() {
-        for (c, v) in t.c.iter().zip(s) {
-            *c.add(col) = _mm512_reduce_add_ps(*v);
-        }
-    }
-}
-
-/// The tile's activation rows in even/odd order, for [`gemm_prepared`]
-/// (callers running many column tiles of the same rows prepare them once).
+/// The tile's activation rows prepared for [`gemm_prepared`], one
+/// [`EvenOddRows`] per sweep (callers running many column tiles of the same
+/// rows prepare them once).
 ///
 /// # Safety
 /// Every `a` pointer addresses `k` readable f32; the CPU has AVX-512 F/BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn prepare(a: &[*const f32], k: usize) -> Vec<EvenOddRow> {
-    a.iter().map(|&a| even_odd_row(a, k)).collect()
+pub(crate) unsafe fn prepare(a: &[*const f32], k: usize) -> Vec<EvenOddRows> {
+    a.chunks(even_odd::sweep_rows(a.len()))
+        .map(|a| EvenOddRows::new(a, k))
+        .collect()
 }
 
 /// Computes the tile (overwriting `c`) from its rows prepared by
-/// [`prepare`], in sweeps of equal size of at most [`MAX_ROWS`] rows.
+/// [`prepare`].
 ///
 /// # Safety
-/// As [`super::gemm_tile`]; `rows` are `t.a` prepared, and the CPU has
+/// As [`super::gemm_tile`]; `sweeps` are `t.a` prepared, and the CPU has
 /// AVX-512 F/BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn gemm_prepared(t: &Tile<'_, bf16>, rows: &[EvenOddRow]) {
-    let m = t.c.len().min(rows.len());
-    let per = m.div_ceil(m.div_ceil(MAX_ROWS).max(1)).max(1);
-    for (rows, c) in rows[..m].chunks(per).zip(t.c.chunks(per)) {
-        let t = &Tile { c, ..*t };
-        // weight rows per block: enough independent sums to hide the FMA
-        // latency, few enough to stay in the 32 registers
-        match rows.len() {
-            1 => rows_m::<1, 8>(t, rows),
-            2 => rows_m::<2, 8>(t, rows),
-            3 => rows_m::<3, 8>(t, rows),
-            4 => rows_m::<4, 4>(t, rows),
-            5 => rows_m::<5, 4>(t, rows),
-            6 => rows_m::<6, 4>(t, rows),
-            7 => rows_m::<7, 2>(t, rows),
-            8 => rows_m::<8, 2>(t, rows),
-            9 => rows_m::<9, 2>(t, rows),
-            10 => rows_m::<10, 2>(t, rows),
-            _ => rows_m::<11, 2>(t, rows),
-        }
+pub(crate) unsafe fn gemm_prepared(t: &Tile<'_, bf16>, sweeps: &[EvenOddRows]) {
+    let kern = Bf16Block {
+        w: t.w.as_ptr(),
+        k: t.k,
+    };
+    let mut c = t.c;
+    for rows in sweeps {
+        let (now, rest) = c.split_at(rows.rows().min(c.len()));
+        even_odd::sweep(&kern, rows, (t.n0, t.n1), now);
+        c = rest;
     }
 }
 

@@ -50,33 +50,6 @@ pub(crate) unsafe fn kernel_12x16(
     }
 }
 
-/// An activation row for the f32-FMA decode kernels: per group of 32 its
-/// 16 even then its 16 odd elements (the order in which one shift and one
-/// mask widen 32 bf16, or the low and high nibbles of 16 MXFP4 bytes); the
-/// tail past K is zero.
-pub(crate) struct EvenOddRow(pub(crate) Vec<__m512>);
-
-/// `k` f32 at `a` in [`EvenOddRow`] order.
-///
-/// # Safety
-/// `a` addresses `k` readable f32; the CPU has AVX-512F.
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn even_odd_row(a: *const f32, k: usize) -> EvenOddRow {
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    let groups = k.div_ceil(32);
-    let mut v = Vec::with_capacity(2 * groups);
-    for g in 0..groups {
-        let c = 32 * g;
-        let x0 = _mm512_maskz_loadu_ps(mask16(k - c), a.add(c));
-        // wrapping: past the row's end the mask loads nothing
-        let x1 = _mm512_maskz_loadu_ps(mask16(k.saturating_sub(c + 16)), a.wrapping_add(c + 16));
-        v.push(_mm512_permutex2var_ps(x0, even, x1));
-        v.push(_mm512_permutex2var_ps(x0, odd, x1));
-    }
-    EvenOddRow(v)
-}
-
 /// Whether the packed kernels should multiply in 512-bit f32 FMAs rather
 /// than `vdpbf16ps`: AVX-512F without BF16, or BF16 that runs fewer
 /// products per second than the FMAs (timed once, a fraction of a

@@ -21,6 +21,8 @@ pub(crate) mod bf16_fma;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16_packed;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod even_odd;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod gemv_avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod kernel_avx512;

@@ -5,7 +5,7 @@
 //! widen through f16 32 at a time.
 
 use super::super::bf16_avx512::{split_rows, SplitRow};
-use super::super::kernel_avx512::{even_odd_row, EvenOddRow};
+use super::super::even_odd::{self, EvenOddBlock, EvenOddRows};
 use super::skinny::{for_row_blocks, fp8_block, Lanes};
 use super::*;
 use std::arch::x86_64::*;
@@ -49,46 +49,70 @@ static MX_F32_LUTS: LazyLock<Vec<F32Lut>> = LazyLock::new(|| {
 /// a group's 16 bytes widen to dword lanes whose low 4 bits index its
 /// scaled f32 table (`vpermps` reads only those bits) for the even
 /// elements, shifted right 4 for the odd ones; the products are exact f32.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn mx_block_fma<const M: usize, const NW: usize>(
-    rows: &[EvenOddRow],
-    q: &[u8],
-    scales: &[u8],
+struct MxFma<'a> {
+    q: &'a [u8],
+    scales: &'a [u8],
     k: usize,
-    n: usize,
-    out: &mut [[f32; NW]; M],
-) {
-    let luts = &*MX_F32_LUTS;
-    let mut acc = [[_mm512_setzero_ps(); NW]; M];
-    let wp: [*const u8; NW] = std::array::from_fn(|j| q.as_ptr().add((n + j) * k / 2));
-    let sp: [*const u8; NW] = std::array::from_fn(|j| scales.as_ptr().add((n + j) * k / MX_GROUP));
-    let ap: [*const __m512; M] = std::array::from_fn(|m| rows[m].0.as_ptr());
-    for gi in 0..k / MX_GROUP {
-        if gi % 4 == 0 {
-            for p in wp {
-                _mm_prefetch::<_MM_HINT_T0>(
-                    p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8
-                );
+}
+
+impl EvenOddBlock for MxFma<'_> {
+    fn groups(&self) -> usize {
+        self.k / MX_GROUP
+    }
+
+    #[inline(always)]
+    unsafe fn block<const M: usize, const NW: usize>(
+        &self,
+        a: *const __m512,
+        n: usize,
+        (g0, g1): (usize, usize),
+        sums: *mut __m512,
+    ) {
+        let (luts, k) = (&*MX_F32_LUTS, self.k);
+        let mut acc: [[__m512; NW]; M] =
+            std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)));
+        let wp: [*const u8; NW] = std::array::from_fn(|j| self.q.as_ptr().add((n + j) * k / 2));
+        let sp: [*const u8; NW] =
+            std::array::from_fn(|j| self.scales.as_ptr().add((n + j) * k / MX_GROUP));
+        for gi in g0..g1 {
+            if gi % 4 == 0 {
+                for p in wp {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        p.wrapping_add(gi * 16 + AHEAD_ROWS * k / 2) as *const i8
+                    );
+                }
+            }
+            let wv: [(__m512, __m512); NW] = std::array::from_fn(|j| {
+                let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(wp[j].add(gi * 16) as *const __m128i));
+                // the scale byte indexes a table of 256: no bounds check needed
+                let lut = _mm512_load_ps(luts.get_unchecked(*sp[j].add(gi) as usize).0.as_ptr());
+                (
+                    _mm512_permutexvar_ps(x, lut),
+                    _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(x), lut),
+                )
+            });
+            let ag = a.add(gi * M * 2);
+            for (m, acc) in acc.iter_mut().enumerate() {
+                let (even, odd) = (*ag.add(2 * m), *ag.add(2 * m + 1));
+                for (acc, w) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_fmadd_ps(w.0, even, *acc);
+                    *acc = _mm512_fmadd_ps(w.1, odd, *acc);
+                }
             }
         }
-        for j in 0..NW {
-            let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(wp[j].add(gi * 16) as *const __m128i));
-            // the scale byte indexes a table of 256: no bounds check needed
-            let lut = _mm512_load_ps(luts.get_unchecked(*sp[j].add(gi) as usize).0.as_ptr());
-            let w0 = _mm512_permutexvar_ps(x, lut);
-            let w1 = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(x), lut);
-            for m in 0..M {
-                acc[m][j] = _mm512_fmadd_ps(w0, *ap[m].add(2 * gi), acc[m][j]);
-                acc[m][j] = _mm512_fmadd_ps(w1, *ap[m].add(2 * gi + 1), acc[m][j]);
+        for (m, acc) in acc.iter().enumerate() {
+            for (j, v) in acc.iter().enumerate() {
+                *sums.add(j * M + m) = *v;
             }
         }
     }
-    for m in 0..M {
-        for j in 0..NW {
-            out[m][j] = _mm512_reduce_add_ps(acc[m][j]);
-        }
-    }
+}
+
+/// [`MxFma`] over the tile's rows (at most [`even_odd::MAX_ROWS`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn mx_fma(t: &QTile<'_>, q: &[u8], scales: &[u8], k: usize) {
+    let rows = EvenOddRows::new(t.a, k);
+    even_odd::sweep(&MxFma { q, scales, k }, &rows, (t.n0, t.n1), t.c)
 }
 
 /// MXFP4: `NW` rows from `n` against `M` split activation rows. Each
@@ -187,15 +211,7 @@ impl Lanes for __m512 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>, fma: bool) {
-    if let (PackedMat::Mxfp4 { q, scales, k }, true) = (t.w, fma) {
-        let rows: Vec<EvenOddRow> = t.a.iter().map(|&a| even_odd_row(a, k)).collect();
-        return for_row_blocks::<M, NW>(
-            t,
-            |n, out| mx_block_fma::<M, NW>(&rows, q, scales, k, n, out),
-            |n, out| mx_block_fma::<M, 1>(&rows, q, scales, k, n, out),
-        );
-    }
+unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
     let (split, res): (Vec<SplitRow>, bool) = match t.w {
         PackedMat::Mxfp4 { k, .. } => split_rows(t.a, k),
         PackedMat::Fp8 { .. } => (vec![], false),
@@ -232,7 +248,7 @@ unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>, fma: bool) {
 /// All of the tile's rows (MXFP4: at most [`AVX512_DECODE_MAX_ROWS`], FP8:
 /// [`AVX512_FP8_SWEEP_ROWS`]) in one sweep: every weight is read and
 /// decoded once, its products with each row accumulate in registers.
-/// `fma`: MXFP4 in f32 FMAs ([`mx_block_fma`]), else in `vdpbf16ps`.
+/// `fma`: MXFP4 in f32 FMAs ([`MxFma`]), else in `vdpbf16ps`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn skinny(t: &QTile<'_>, fma: bool) {
     // weight rows per block sized so the sums and decoded weights stay in
@@ -248,24 +264,27 @@ pub(super) unsafe fn skinny(t: &QTile<'_>, fma: bool) {
                 AVX512_FP8_SWEEP_ROWS
             }
     );
+    if let (PackedMat::Mxfp4 { q, scales, k }, true) = (t.w, fma) {
+        return mx_fma(t, q, scales, k);
+    }
     match (t.a.len(), mx) {
         (0, _) => {}
-        (1, true) => skinny_m::<1, 8>(t, fma),
-        (2, true) => skinny_m::<2, 8>(t, fma),
-        (3, true) => skinny_m::<3, 8>(t, fma),
-        (4, true) => skinny_m::<4, 4>(t, fma),
-        (5, true) => skinny_m::<5, 4>(t, fma),
-        (6, true) => skinny_m::<6, 4>(t, fma),
-        (7, true) => skinny_m::<7, 2>(t, fma),
-        (8, true) => skinny_m::<8, 2>(t, fma),
-        (9, true) => skinny_m::<9, 2>(t, fma),
-        (10, true) => skinny_m::<10, 2>(t, fma),
-        (_, true) => skinny_m::<11, 2>(t, fma),
-        (1, false) => skinny_m::<1, 4>(t, fma),
-        (2, false) => skinny_m::<2, 4>(t, fma),
-        (3, false) => skinny_m::<3, 2>(t, fma),
-        (4, false) => skinny_m::<4, 2>(t, fma),
-        (5, false) => skinny_m::<5, 2>(t, fma),
-        (_, false) => skinny_m::<6, 2>(t, fma),
+        (1, true) => skinny_m::<1, 8>(t),
+        (2, true) => skinny_m::<2, 8>(t),
+        (3, true) => skinny_m::<3, 8>(t),
+        (4, true) => skinny_m::<4, 4>(t),
+        (5, true) => skinny_m::<5, 4>(t),
+        (6, true) => skinny_m::<6, 4>(t),
+        (7, true) => skinny_m::<7, 2>(t),
+        (8, true) => skinny_m::<8, 2>(t),
+        (9, true) => skinny_m::<9, 2>(t),
+        (10, true) => skinny_m::<10, 2>(t),
+        (_, true) => skinny_m::<11, 2>(t),
+        (1, false) => skinny_m::<1, 4>(t),
+        (2, false) => skinny_m::<2, 4>(t),
+        (3, false) => skinny_m::<3, 2>(t),
+        (4, false) => skinny_m::<4, 2>(t),
+        (5, false) => skinny_m::<5, 2>(t),
+        (_, false) => skinny_m::<6, 2>(t),
     }
 }
