@@ -77,12 +77,25 @@ const CASES: &[Case] = &[
         n: 50,
         k: 160,
     },
-    // 4–11 rows run the dot-product kernel in chunks of 3; K with 16-, 8-
-    // and scalar tails
+    // 4–11 rows run a dot-product kernel (chunks of 3 on AVX2, one sweep
+    // for bf16 on AVX-512 FMA); K with 16-, 8- and scalar tails
     Case {
         m: 11,
         n: 40,
         k: 1051,
+    },
+    // bf16 on AVX-512 FMA: sweeps of 9 and 8 rows in several K chunks;
+    // other weights: packed tiles of 9 and 8 rows
+    Case {
+        m: 17,
+        n: 33,
+        k: 2048,
+    },
+    // packed tiles of 9, 8 and 8 rows for every weight format
+    Case {
+        m: 25,
+        n: 37,
+        k: 320,
     },
     Case {
         m: 100,

@@ -10,43 +10,75 @@ use super::bf16_avx512::mask16;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-/// Rows of the tile.
+/// Rows of the tile at most.
 pub(crate) const MR_WIDE: usize = 12;
 
-/// `C[0..12, 0..16] (+)= A[0..12, k0..k0+kc] · panel` (`panel[kk * 16 + j]`);
-/// only `mr` rows and `ns` columns are stored.
+/// `C[r, 0..16] (+)= A[r, k0..k0+kc] · panel` (`panel[kk * 16 + j]`) for
+/// the rows `r` of `a` (at most [`MR_WIDE`]; every row is a real one: a
+/// group of fewer rows runs a tile of that height, no padding rows); only
+/// `ns` columns are stored, at `c[r] + col`.
 ///
 /// # Safety
-/// AVX-512F available; every `a[r]` addresses `kc` readable f32, `panel`
-/// holds `kc * 16`, and `c[r]` for `r < mr` addresses `ns` writable f32.
+/// AVX-512F available; every `a[r] + k0` addresses `kc` readable f32,
+/// `panel` holds `kc * 16`, and every `c[r] + col` addresses `ns` writable
+/// f32; `c` is as long as `a`.
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn kernel_12x16(
-    a: [*const f32; MR_WIDE],
+    a: &[*const f32],
+    k0: usize,
     panel: &[f32],
     kc: usize,
-    c: [*mut f32; MR_WIDE],
-    mr: usize,
+    c: &[*mut f32],
+    col: usize,
     ns: usize,
     accumulate: bool,
 ) {
-    debug_assert!(panel.len() >= kc * 16);
+    debug_assert!(panel.len() >= kc * 16 && c.len() == a.len());
+    let args = (k0, panel, kc, col, ns, accumulate);
+    match a.len() {
+        0 => {}
+        1 => tile::<1>(a, c, args),
+        2 => tile::<2>(a, c, args),
+        3 => tile::<3>(a, c, args),
+        4 => tile::<4>(a, c, args),
+        5 => tile::<5>(a, c, args),
+        6 => tile::<6>(a, c, args),
+        7 => tile::<7>(a, c, args),
+        8 => tile::<8>(a, c, args),
+        9 => tile::<9>(a, c, args),
+        10 => tile::<10>(a, c, args),
+        11 => tile::<11>(a, c, args),
+        _ => tile::<12>(a, c, args),
+    }
+}
+
+/// [`kernel_12x16`] for `R` rows.
+#[inline(always)]
+unsafe fn tile<const R: usize>(
+    a: &[*const f32],
+    c: &[*mut f32],
+    (k0, panel, kc, col, ns, accumulate): (usize, &[f32], usize, usize, usize, bool),
+) {
     let mask = mask16(ns);
-    let mut acc = [_mm512_setzero_ps(); MR_WIDE];
+    let ap: [*const f32; R] = std::array::from_fn(|r| a[r].add(k0));
+    let cp: [*mut f32; R] = std::array::from_fn(|r| c[r].add(col));
+    let mut acc = [_mm512_setzero_ps(); R];
     if accumulate {
-        for r in 0..mr {
-            acc[r] = _mm512_maskz_loadu_ps(mask, c[r]);
+        for r in 0..R {
+            acc[r] = _mm512_maskz_loadu_ps(mask, cp[r]);
         }
     }
     let mut b = panel.as_ptr();
     for kk in 0..kc {
         let bv = _mm512_loadu_ps(b);
-        for r in 0..MR_WIDE {
-            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*a[r].add(kk)), bv, acc[r]);
+        for r in 0..R {
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*ap[r].add(kk)), bv, acc[r]);
         }
         b = b.add(16);
     }
-    for r in 0..mr {
-        _mm512_mask_storeu_ps(c[r], mask, acc[r]);
+    for r in 0..R {
+        _mm512_mask_storeu_ps(cp[r], mask, acc[r]);
     }
 }
 

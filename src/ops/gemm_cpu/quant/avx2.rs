@@ -3,6 +3,7 @@
 
 use super::super::avx2::{kernel_6x16, transpose8};
 use super::super::kernel_avx512::{kernel_12x16, MR_WIDE};
+use super::super::row_groups;
 use super::*;
 use std::arch::x86_64::*;
 
@@ -178,24 +179,20 @@ pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
             } else {
                 None
             };
-            let mut mg = 0;
-            while mg < m {
+            for (gi, (mg, mr)) in row_groups(m, mr_max).enumerate() {
                 if let Some(st) = next {
-                    prefetch_strip(&t.w, st, (mg / mr_max, groups));
+                    prefetch_strip(&t.w, st, (gi, groups));
                 }
-                let mr = mr_max.min(m - mg);
-                // missing rows re-read row `mg`; their results are not stored
-                let row = |r: usize| mg + if r < mr { r } else { 0 };
+                let (a, c) = (&t.a[mg..mg + mr], &t.c[mg..mg + mr]);
                 if wide {
-                    let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
-                    let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
-                    kernel_12x16(a, &panel, kc, c, mr, ns, k0 > 0);
+                    kernel_12x16(a, k0, &panel, kc, c, s - t.n0, ns, k0 > 0);
                 } else {
-                    let a = std::array::from_fn(|r| t.a[row(r)].add(k0));
-                    let c = std::array::from_fn(|r| t.c[row(r)].add(s - t.n0));
+                    // missing rows re-read row 0; their results are not stored
+                    let row = |r: usize| if r < mr { r } else { 0 };
+                    let a = std::array::from_fn(|r| a[row(r)].add(k0));
+                    let c = std::array::from_fn(|r| c[row(r)].add(s - t.n0));
                     kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
                 }
-                mg += mr_max;
             }
             s += NR;
         }
