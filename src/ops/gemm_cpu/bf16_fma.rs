@@ -2,11 +2,11 @@
 //! those out-run `vdpbf16ps` (Intel cores issue it at half the FMA rate).
 //! A weight line of 32 bf16 widens into its even elements (a shift) and its
 //! odd ones (a mask), against activation rows kept in the same even/odd
-//! order ([`EvenOddRows`]); the products are exact f32, so f32 activations
+//! order ([`SweepRows`]); the products are exact f32, so f32 activations
 //! need no bf16 residual. Every weight is read and widened once for all
-//! rows of a sweep (at most [`even_odd::MAX_ROWS`]).
+//! rows of a sweep (at most [`sweep::MAX_ROWS`]).
 
-use super::even_odd::{self, EvenOddBlock, EvenOddRows};
+use super::sweep::{self, SweepBlock, SweepRows};
 use super::Tile;
 use half::bf16;
 use std::arch::x86_64::*;
@@ -42,7 +42,7 @@ struct Bf16Block {
     k: usize,
 }
 
-impl EvenOddBlock for Bf16Block {
+impl SweepBlock for Bf16Block {
     fn groups(&self) -> usize {
         self.k.div_ceil(32)
     }
@@ -98,15 +98,15 @@ impl EvenOddBlock for Bf16Block {
 }
 
 /// The tile's activation rows prepared for [`gemm_prepared`], one
-/// [`EvenOddRows`] per sweep (callers running many column tiles of the same
+/// [`SweepRows`] per sweep (callers running many column tiles of the same
 /// rows prepare them once).
 ///
 /// # Safety
 /// Every `a` pointer addresses `k` readable f32; the CPU has AVX-512 F/BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn prepare(a: &[*const f32], k: usize) -> Vec<EvenOddRows> {
-    a.chunks(even_odd::sweep_rows(a.len()))
-        .map(|a| EvenOddRows::new(a, k))
+pub(crate) unsafe fn prepare(a: &[*const f32], k: usize) -> Vec<SweepRows> {
+    a.chunks(sweep::sweep_rows(a.len()))
+        .map(|a| SweepRows::new(a, k, false))
         .collect()
 }
 
@@ -117,7 +117,7 @@ pub(crate) unsafe fn prepare(a: &[*const f32], k: usize) -> Vec<EvenOddRows> {
 /// As [`super::gemm_tile`]; `sweeps` are `t.a` prepared, and the CPU has
 /// AVX-512 F/BW.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn gemm_prepared(t: &Tile<'_, bf16>, sweeps: &[EvenOddRows]) {
+pub(crate) unsafe fn gemm_prepared(t: &Tile<'_, bf16>, sweeps: &[SweepRows]) {
     let kern = Bf16Block {
         w: t.w.as_ptr(),
         k: t.k,
@@ -125,7 +125,7 @@ pub(crate) unsafe fn gemm_prepared(t: &Tile<'_, bf16>, sweeps: &[EvenOddRows]) {
     let mut c = t.c;
     for rows in sweeps {
         let (now, rest) = c.split_at(rows.rows().min(c.len()));
-        even_odd::sweep(&kern, rows, (t.n0, t.n1), now);
+        sweep::sweep(&kern, rows, (t.n0, t.n1), now);
         c = rest;
     }
 }

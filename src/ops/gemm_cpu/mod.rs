@@ -6,11 +6,14 @@
 //! - *dot products* (fewer than [`PACKED_MIN_ROWS`] rows: decode and small
 //!   expert segments, `gemv_avx2`): weight rows one after another, widened
 //!   in registers, against chunks of ≤ 3 activation rows; every weight byte
-//!   comes from memory once, which is what a memory-bound step needs.
+//!   comes from memory once, which is what a memory-bound step needs. bf16
+//!   weights have their own: `bf16_avx512` (`vdpbf16ps`, ≤ 3 rows) and, where
+//!   512-bit FMAs out-run it, `bf16_fma` (sweeps of ≤ 11 rows, up to 23).
 //! - *packed* (more rows): a 16-column strip of W is widened and transposed
 //!   into an L1-sized panel, then a 6×16 register-blocked FMA kernel runs over
 //!   groups of 6 rows (the classic BLIS shape), or on AVX-512 CPUs that
-//!   issue two 512-bit FMAs per cycle a 12×16 one (`kernel_avx512`).
+//!   issue two 512-bit FMAs per cycle a tile of up to 12 rows × 16
+//!   (`kernel_avx512`).
 //!
 //! AVX2+FMA+F16C is detected at run time; other CPUs use portable loops.
 
@@ -21,12 +24,12 @@ pub(crate) mod bf16_fma;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16_packed;
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod even_odd;
-#[cfg(target_arch = "x86_64")]
 pub(crate) mod gemv_avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod kernel_avx512;
 pub(crate) mod quant;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod sweep;
 
 use half::{bf16, f16};
 

@@ -5,7 +5,7 @@
 //! widen through f16 32 at a time.
 
 use super::super::bf16_avx512::{split_rows, SplitRow};
-use super::super::even_odd::{self, EvenOddBlock, EvenOddRows};
+use super::super::sweep::{self, SweepBlock, SweepRows};
 use super::skinny::{for_row_blocks, fp8_block, Lanes};
 use super::*;
 use std::arch::x86_64::*;
@@ -55,7 +55,7 @@ struct MxFma<'a> {
     k: usize,
 }
 
-impl EvenOddBlock for MxFma<'_> {
+impl SweepBlock for MxFma<'_> {
     fn groups(&self) -> usize {
         self.k / MX_GROUP
     }
@@ -108,11 +108,11 @@ impl EvenOddBlock for MxFma<'_> {
     }
 }
 
-/// [`MxFma`] over the tile's rows (at most [`even_odd::MAX_ROWS`]).
+/// [`MxFma`] over the tile's rows (at most [`sweep::MAX_ROWS`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn mx_fma(t: &QTile<'_>, q: &[u8], scales: &[u8], k: usize) {
-    let rows = EvenOddRows::new(t.a, k);
-    even_odd::sweep(&MxFma { q, scales, k }, &rows, (t.n0, t.n1), t.c)
+    let rows = SweepRows::new(t.a, k, false);
+    sweep::sweep(&MxFma { q, scales, k }, &rows, (t.n0, t.n1), t.c)
 }
 
 /// MXFP4: `NW` rows from `n` against `M` split activation rows. Each
@@ -172,14 +172,107 @@ unsafe fn mx_block<const M: usize, const NW: usize, const RES: bool>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn fp8_dec32(p: *const u8) -> [__m512; 2] {
-    let t = _mm512_slli_epi16::<7>(_mm512_cvtepu8_epi16(_mm256_loadu_si256(
-        p as *const __m256i,
-    )));
+    fp8_widen(_mm256_loadu_si256(p as *const __m256i))
+}
+
+/// [`fp8_dec32`] of bytes in a register.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn fp8_widen(b: __m256i) -> [__m512; 2] {
+    let t = _mm512_slli_epi16::<7>(_mm512_cvtepu8_epi16(b));
     let h = _mm512_add_epi16(t, _mm512_and_si512(t, _mm512_set1_epi16(0x4000)));
     [
         _mm512_cvtph_ps(_mm512_castsi512_si256(h)),
         _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
     ]
+}
+
+/// FP8 in one sweep of f32 FMAs (where FMAs out-run `vdpbf16ps`): 32 bytes
+/// widen in order through f16 and take their block's scale (one multiply
+/// each), so every (row, weight row) keeps a single sum and sweeps of up to
+/// [`sweep::MAX_ROWS`] rows fit the registers. Needs scale blocks that hold
+/// whole groups of 32 ([`fp8_fma_fits`]).
+struct Fp8Fma<'a> {
+    q: &'a [u8],
+    scales: &'a [f32],
+    k: usize,
+    bn: usize,
+    bk: usize,
+}
+
+/// Rows from which [`Fp8Fma`] beats the two-sum kernel ([`fp8_block`]):
+/// its extra multiply per weight vector costs 1.1–1.6× the time at 1–2
+/// rows (memory-bound decode), ties at 4, and saves 0.7–0.95× from 6 rows
+/// on (bench_linear FP8 1408×2048 and 2048×1408).
+const FP8_FMA_MIN_ROWS: usize = 5;
+
+/// Whether [`Fp8Fma`] takes `w`: FP8 whose scale blocks span whole groups
+/// of 32 along K (128 × 128 blocks, per channel, per tensor).
+pub(super) fn fp8_fma_fits(w: &PackedMat<'_>) -> bool {
+    matches!(*w, PackedMat::Fp8 { k, bk, .. } if bk % 32 == 0 || bk >= k)
+}
+
+impl SweepBlock for Fp8Fma<'_> {
+    fn groups(&self) -> usize {
+        self.k.div_ceil(32)
+    }
+
+    /// A group past K's last full one is the partial tail (missing bytes
+    /// load as zero, as do the activations there).
+    #[inline(always)]
+    unsafe fn block<const M: usize, const NW: usize>(
+        &self,
+        a: *const __m512,
+        n: usize,
+        (g0, g1): (usize, usize),
+        sums: *mut __m512,
+    ) {
+        let (k, bk) = (self.k, self.bk);
+        let kb = k.div_ceil(bk);
+        let mut acc: [[__m512; NW]; M] =
+            std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)));
+        let wp: [*const u8; NW] = std::array::from_fn(|j| self.q.as_ptr().add((n + j) * k));
+        let sp: [*const f32; NW] =
+            std::array::from_fn(|j| self.scales.as_ptr().add(((n + j) / self.bn) * kb));
+        // groups per scale block (one block: all of them)
+        let per = if bk >= k { usize::MAX } else { bk / 32 };
+        let full = k / 32;
+        let mut g = g0;
+        while g < g1 {
+            let blk = g.checked_div(per).unwrap_or(0);
+            let end = blk.saturating_add(1).saturating_mul(per).min(g1);
+            let sv: [__m512; NW] = std::array::from_fn(|j| _mm512_set1_ps(*sp[j].add(blk) * 256.0));
+            for g in g..end {
+                let wv: [[__m512; 2]; NW] = std::array::from_fn(|j| {
+                    let p = wp[j].add(g * 32);
+                    if g % 2 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD_ROWS * k) as *const i8);
+                    }
+                    let d = if g < full {
+                        fp8_dec32(p)
+                    } else {
+                        let mask = (1u32 << (k - full * 32)) - 1;
+                        fp8_widen(_mm256_maskz_loadu_epi8(mask, p as *const i8))
+                    };
+                    [_mm512_mul_ps(d[0], sv[j]), _mm512_mul_ps(d[1], sv[j])]
+                });
+                let ag = a.add(g * M * 2);
+                for (m, acc) in acc.iter_mut().enumerate() {
+                    let (x0, x1) = (*ag.add(2 * m), *ag.add(2 * m + 1));
+                    for (acc, w) in acc.iter_mut().zip(&wv) {
+                        *acc = _mm512_fmadd_ps(w[0], x0, *acc);
+                        *acc = _mm512_fmadd_ps(w[1], x1, *acc);
+                    }
+                }
+            }
+            g = end;
+        }
+        for (m, acc) in acc.iter().enumerate() {
+            for (j, v) in acc.iter().enumerate() {
+                *sums.add(j * M + m) = *v;
+            }
+        }
+    }
 }
 
 impl Lanes for __m512 {
@@ -245,8 +338,8 @@ unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
     }
 }
 
-/// All of the tile's rows (MXFP4: at most [`AVX512_DECODE_MAX_ROWS`], FP8:
-/// [`AVX512_FP8_SWEEP_ROWS`]) in one sweep: every weight is read and
+/// All of the tile's rows (at most `avx512_sweep_rows`) in one sweep:
+/// every weight is read and
 /// decoded once, its products with each row accumulate in registers.
 /// `fma`: MXFP4 in f32 FMAs ([`MxFma`]), else in `vdpbf16ps`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -256,16 +349,30 @@ pub(super) unsafe fn skinny(t: &QTile<'_>, fma: bool) {
     // two (the k-block's partial sum and the total) and two decoded vectors
     // per weight row
     let mx = matches!(t.w, PackedMat::Mxfp4 { .. });
-    debug_assert!(
-        t.a.len()
-            <= if mx {
-                AVX512_DECODE_MAX_ROWS
-            } else {
-                AVX512_FP8_SWEEP_ROWS
-            }
-    );
-    if let (PackedMat::Mxfp4 { q, scales, k }, true) = (t.w, fma) {
-        return mx_fma(t, q, scales, k);
+    debug_assert!(t.a.len() <= avx512_sweep_rows(&t.w, fma));
+    match (t.w, fma) {
+        (PackedMat::Mxfp4 { q, scales, k }, true) => return mx_fma(t, q, scales, k),
+        (
+            PackedMat::Fp8 {
+                q,
+                scales,
+                k,
+                bn,
+                bk,
+            },
+            true,
+        ) if fp8_fma_fits(&t.w) && t.a.len() >= FP8_FMA_MIN_ROWS => {
+            let kern = Fp8Fma {
+                q,
+                scales,
+                k,
+                bn,
+                bk,
+            };
+            let rows = SweepRows::new(t.a, k, true);
+            return sweep::sweep(&kern, &rows, (t.n0, t.n1), t.c);
+        }
+        _ => {}
     }
     match (t.a.len(), mx) {
         (0, _) => {}

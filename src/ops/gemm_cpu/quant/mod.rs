@@ -49,11 +49,16 @@ pub unsafe fn qgemm_tile(t: &QTile<'_>) {
     qgemm_tile_with(t, Isa::detect())
 }
 
-/// Rows of one AVX-512 MXFP4 decode sweep over the weights (more rows run
-/// as sweeps of equal size, up to `Isa::packed_min_rows`).
-const AVX512_DECODE_MAX_ROWS: usize = 11;
-/// Rows of one AVX-512 FP8 decode sweep (two sums per (row, weight row)).
-const AVX512_FP8_SWEEP_ROWS: usize = 6;
+/// Rows of one AVX-512 decode sweep over `w` (more rows run as sweeps of
+/// equal size, up to `Isa::packed_min_rows`): one sum per (row, weight
+/// row) takes up to 11 (MXFP4, and FP8 in f32 FMAs with `fma`), the FP8
+/// kernel that keeps two (the scale block's partial sum and the total) 6.
+fn avx512_sweep_rows(w: &PackedMat<'_>, fma: bool) -> usize {
+    match w {
+        PackedMat::Fp8 { .. } if !(fma && avx512::fp8_fma_fits(w)) => 6,
+        _ => super::sweep::MAX_ROWS,
+    }
+}
 
 /// Instruction sets the kernels can use (tests run each one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,10 +133,7 @@ pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
             // FP8 keeps two sums per (row, weight row): past 6 rows it runs
             // passes of equal size (measured faster than a sweep over one
             // weight row at a time)
-            let max = match t.w {
-                PackedMat::Fp8 { .. } => AVX512_FP8_SWEEP_ROWS,
-                PackedMat::Mxfp4 { .. } => AVX512_DECODE_MAX_ROWS,
-            };
+            let max = avx512_sweep_rows(&t.w, isa == Isa::Avx512Fma);
             let per = t.a.len().div_ceil(t.a.len().div_ceil(max).max(1)).max(1);
             for (a, c) in t.a.chunks(per).zip(t.c.chunks(per)) {
                 avx512::skinny(&QTile { a, c, ..*t }, isa == Isa::Avx512Fma)
@@ -312,6 +314,8 @@ mod tests {
             (32, 16, 1, 128),
             (32, 32, 1, 128),
             (256, 128, 128, 128),
+            // sweeps of 2–11 rows in several K chunks
+            (19, 2048, 128, 128),
         ] {
             let mut rng = Lcg(n as u64);
             let q: Vec<u8> = (0..n * k)

@@ -1,6 +1,7 @@
-//! What the f32-FMA decode kernels share ([`super::bf16_fma`], the MXFP4
-//! one in `quant/avx512.rs`): activation rows in even/odd order, and the
-//! sweep that walks a tile's weight rows in register blocks and K chunks.
+//! The decode sweep the f32-FMA kernels share (bf16 in [`super::bf16_fma`],
+//! MXFP4 and FP8 in `quant/avx512.rs`): a tile's activation rows laid out
+//! per group of 32 along K, and the walk over its weight rows in register
+//! blocks and K chunks.
 //!
 //! A sweep keeps one sum per (row, weight row) in registers. Register
 //! blocks are sized so the sums, one weight row pair's widened vectors per
@@ -12,25 +13,32 @@ use super::bf16_avx512::mask16;
 use std::arch::x86_64::*;
 
 /// A sweep's activation rows interleaved by group: for group `g` of 32
-/// along K and row `m`, the row's 16 even elements at `(g * rows + m) * 2`
-/// and its 16 odd ones next (the order in which a shift and a mask widen
-/// 32 bf16, or the low and high nibbles of 16 MXFP4 bytes); the tail past
-/// K is zero. One pointer walks all rows.
-pub(crate) struct EvenOddRows {
+/// along K and row `m`, a pair of vectors at `(g * rows + m) * 2`, the tail
+/// past K zero. One pointer walks all rows. The pair is the group's 16
+/// even then 16 odd elements (the order in which a shift and a mask widen
+/// 32 bf16, or the low and high nibbles of 16 MXFP4 bytes), or its two
+/// halves in order (FP8, which widens in order).
+pub(crate) struct SweepRows {
     v: Vec<__m512>,
     rows: usize,
 }
 
-impl EvenOddRows {
-    /// The `k` f32 at each of `a` (at most [`MAX_ROWS`]).
+impl SweepRows {
+    /// The `k` f32 at each of `a` (at most [`MAX_ROWS`]), in even/odd
+    /// order, or in order with `natural`.
     ///
     /// # Safety
     /// Every `a` pointer addresses `k` readable f32; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn new(a: &[*const f32], k: usize) -> Self {
+    pub(crate) unsafe fn new(a: &[*const f32], k: usize, natural: bool) -> Self {
         debug_assert!(a.len() <= MAX_ROWS);
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        let (i0, i1) = if natural {
+            let lo = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            (lo, _mm512_add_epi32(lo, _mm512_set1_epi32(16)))
+        } else {
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            (even, _mm512_add_epi32(even, _mm512_set1_epi32(1)))
+        };
         let (groups, rows) = (k.div_ceil(32), a.len());
         let mut v = vec![_mm512_setzero_ps(); groups * rows * 2];
         for (m, &a) in a.iter().enumerate() {
@@ -40,8 +48,8 @@ impl EvenOddRows {
                 // wrapping: past the row's end the mask loads nothing
                 let x1 =
                     _mm512_maskz_loadu_ps(mask16(k.saturating_sub(c + 16)), a.wrapping_add(c + 16));
-                v[(g * rows + m) * 2] = _mm512_permutex2var_ps(x0, even, x1);
-                v[(g * rows + m) * 2 + 1] = _mm512_permutex2var_ps(x0, odd, x1);
+                v[(g * rows + m) * 2] = _mm512_permutex2var_ps(x0, i0, x1);
+                v[(g * rows + m) * 2 + 1] = _mm512_permutex2var_ps(x0, i1, x1);
             }
         }
         Self { v, rows }
@@ -61,10 +69,10 @@ pub(crate) fn sweep_rows(n: usize) -> usize {
     n.div_ceil(n.div_ceil(MAX_ROWS).max(1)).max(1)
 }
 
-/// A decode kernel over even/odd rows: `block` adds groups `g0..g1` of
-/// weight rows `n..n + NW` times the `M` rows at `a` (as [`EvenOddRows`]
+/// A decode kernel over [`SweepRows`]: `block` adds groups `g0..g1` of
+/// weight rows `n..n + NW` times the `M` rows at `a` (as [`SweepRows`]
 /// lays them out) into the partial sums `sums[j * M + m]`.
-pub(crate) trait EvenOddBlock {
+pub(crate) trait SweepBlock {
     /// Groups of 32 along K (the last one may be partial).
     fn groups(&self) -> usize;
     /// # Safety
@@ -95,9 +103,9 @@ const CHUNK_BYTES: usize = 32 << 10;
 /// `rows` has `kern.groups()` groups; the CPU has AVX-512F and the
 /// kernel's features.
 #[inline(always)]
-pub(crate) unsafe fn sweep<K: EvenOddBlock>(
+pub(crate) unsafe fn sweep<K: SweepBlock>(
     kern: &K,
-    rows: &EvenOddRows,
+    rows: &SweepRows,
     cols: (usize, usize),
     c: &[*mut f32],
 ) {
@@ -123,9 +131,9 @@ pub(crate) unsafe fn sweep<K: EvenOddBlock>(
 /// output) live in memory between chunks and are reduced into `c` at the
 /// end.
 #[inline(always)]
-unsafe fn chunked<K: EvenOddBlock, const M: usize, const NW: usize>(
+unsafe fn chunked<K: SweepBlock, const M: usize, const NW: usize>(
     kern: &K,
-    rows: &EvenOddRows,
+    rows: &SweepRows,
     (n0, n1): (usize, usize),
     c: &[*mut f32],
 ) {
