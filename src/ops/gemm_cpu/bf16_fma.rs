@@ -58,8 +58,7 @@ impl SweepBlock for Bf16Block {
         sums: *mut __m512,
     ) {
         let k = self.k;
-        let mut acc: [[__m512; NW]; M] =
-            std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)));
+        let mut acc = sweep::load_sums::<M, NW>(sums);
         let wp: [*const bf16; NW] = std::array::from_fn(|j| self.w.add((n + j) * k));
         let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
         let widen = |x: __m512i| {
@@ -80,20 +79,9 @@ impl SweepBlock for Bf16Block {
                     _mm512_maskz_loadu_epi16((1u32 << (k - full * 32)) - 1, p as *const i16)
                 })
             });
-            let ag = a.add(g * M * 2);
-            for (m, acc) in acc.iter_mut().enumerate() {
-                let (even, odd) = (*ag.add(2 * m), *ag.add(2 * m + 1));
-                for (acc, w) in acc.iter_mut().zip(&wv) {
-                    *acc = _mm512_fmadd_ps(w.0, even, *acc);
-                    *acc = _mm512_fmadd_ps(w.1, odd, *acc);
-                }
-            }
+            sweep::fma_group(&mut acc, a.add(g * M * 2), &wv);
         }
-        for (m, acc) in acc.iter().enumerate() {
-            for (j, v) in acc.iter().enumerate() {
-                *sums.add(j * M + m) = *v;
-            }
-        }
+        sweep::store_sums(&acc, sums);
     }
 }
 

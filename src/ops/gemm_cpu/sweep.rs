@@ -88,6 +88,54 @@ pub(crate) trait SweepBlock {
     );
 }
 
+/// A block's partial sums `acc[m][j]` from `sums[j * M + m]`.
+///
+/// # Safety
+/// `sums` holds `NW * M` vectors.
+#[inline(always)]
+pub(crate) unsafe fn load_sums<const M: usize, const NW: usize>(
+    sums: *const __m512,
+) -> [[__m512; NW]; M] {
+    std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)))
+}
+
+/// The inverse of [`load_sums`].
+///
+/// # Safety
+/// As [`load_sums`], writable.
+#[inline(always)]
+pub(crate) unsafe fn store_sums<const M: usize, const NW: usize>(
+    acc: &[[__m512; NW]; M],
+    sums: *mut __m512,
+) {
+    for (m, acc) in acc.iter().enumerate() {
+        for (j, v) in acc.iter().enumerate() {
+            *sums.add(j * M + m) = *v;
+        }
+    }
+}
+
+/// One group: `acc[m][j] += w[j].0 · pair(m).0 + w[j].1 · pair(m).1`, the
+/// activation pairs at `ag` (the group's `M` rows as [`SweepRows`] lays
+/// them out), each loaded once.
+///
+/// # Safety
+/// `ag` holds `2 * M` vectors; the CPU has AVX-512F.
+#[inline(always)]
+pub(crate) unsafe fn fma_group<const M: usize, const NW: usize>(
+    acc: &mut [[__m512; NW]; M],
+    ag: *const __m512,
+    w: &[(__m512, __m512); NW],
+) {
+    for (m, acc) in acc.iter_mut().enumerate() {
+        let (x0, x1) = (*ag.add(2 * m), *ag.add(2 * m + 1));
+        for (acc, w) in acc.iter_mut().zip(w) {
+            *acc = _mm512_fmadd_ps(w.0, x0, *acc);
+            *acc = _mm512_fmadd_ps(w.1, x1, *acc);
+        }
+    }
+}
+
 /// Activation bytes one K chunk of a sweep may hold, so they stay in L1
 /// while the chunk meets every weight row of the tile (past that, sweeps
 /// of 7–11 rows read their activations from L2 once per block of weight

@@ -69,8 +69,7 @@ impl SweepBlock for MxFma<'_> {
         sums: *mut __m512,
     ) {
         let (luts, k) = (&*MX_F32_LUTS, self.k);
-        let mut acc: [[__m512; NW]; M] =
-            std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)));
+        let mut acc = sweep::load_sums::<M, NW>(sums);
         let wp: [*const u8; NW] = std::array::from_fn(|j| self.q.as_ptr().add((n + j) * k / 2));
         let sp: [*const u8; NW] =
             std::array::from_fn(|j| self.scales.as_ptr().add((n + j) * k / MX_GROUP));
@@ -91,20 +90,9 @@ impl SweepBlock for MxFma<'_> {
                     _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(x), lut),
                 )
             });
-            let ag = a.add(gi * M * 2);
-            for (m, acc) in acc.iter_mut().enumerate() {
-                let (even, odd) = (*ag.add(2 * m), *ag.add(2 * m + 1));
-                for (acc, w) in acc.iter_mut().zip(&wv) {
-                    *acc = _mm512_fmadd_ps(w.0, even, *acc);
-                    *acc = _mm512_fmadd_ps(w.1, odd, *acc);
-                }
-            }
+            sweep::fma_group(&mut acc, a.add(gi * M * 2), &wv);
         }
-        for (m, acc) in acc.iter().enumerate() {
-            for (j, v) in acc.iter().enumerate() {
-                *sums.add(j * M + m) = *v;
-            }
-        }
+        sweep::store_sums(&acc, sums);
     }
 }
 
@@ -229,8 +217,7 @@ impl SweepBlock for Fp8Fma<'_> {
     ) {
         let (k, bk) = (self.k, self.bk);
         let kb = k.div_ceil(bk);
-        let mut acc: [[__m512; NW]; M] =
-            std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)));
+        let mut acc = sweep::load_sums::<M, NW>(sums);
         let wp: [*const u8; NW] = std::array::from_fn(|j| self.q.as_ptr().add((n + j) * k));
         let sp: [*const f32; NW] =
             std::array::from_fn(|j| self.scales.as_ptr().add(((n + j) / self.bn) * kb));
@@ -243,7 +230,7 @@ impl SweepBlock for Fp8Fma<'_> {
             let end = blk.saturating_add(1).saturating_mul(per).min(g1);
             let sv: [__m512; NW] = std::array::from_fn(|j| _mm512_set1_ps(*sp[j].add(blk) * 256.0));
             for g in g..end {
-                let wv: [[__m512; 2]; NW] = std::array::from_fn(|j| {
+                let wv: [(__m512, __m512); NW] = std::array::from_fn(|j| {
                     let p = wp[j].add(g * 32);
                     if g % 2 == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD_ROWS * k) as *const i8);
@@ -254,24 +241,13 @@ impl SweepBlock for Fp8Fma<'_> {
                         let mask = (1u32 << (k - full * 32)) - 1;
                         fp8_widen(_mm256_maskz_loadu_epi8(mask, p as *const i8))
                     };
-                    [_mm512_mul_ps(d[0], sv[j]), _mm512_mul_ps(d[1], sv[j])]
+                    (_mm512_mul_ps(d[0], sv[j]), _mm512_mul_ps(d[1], sv[j]))
                 });
-                let ag = a.add(g * M * 2);
-                for (m, acc) in acc.iter_mut().enumerate() {
-                    let (x0, x1) = (*ag.add(2 * m), *ag.add(2 * m + 1));
-                    for (acc, w) in acc.iter_mut().zip(&wv) {
-                        *acc = _mm512_fmadd_ps(w[0], x0, *acc);
-                        *acc = _mm512_fmadd_ps(w[1], x1, *acc);
-                    }
-                }
+                sweep::fma_group(&mut acc, a.add(g * M * 2), &wv);
             }
             g = end;
         }
-        for (m, acc) in acc.iter().enumerate() {
-            for (j, v) in acc.iter().enumerate() {
-                *sums.add(j * M + m) = *v;
-            }
-        }
+        sweep::store_sums(&acc, sums);
     }
 }
 
