@@ -27,6 +27,8 @@ pub(crate) mod bf16_packed;
 pub(crate) mod gemv_avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod kernel_avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod pack_avx512;
 pub(crate) mod quant;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod sweep;

@@ -3,7 +3,7 @@
 
 use super::super::avx2::{kernel_6x16, transpose8};
 use super::super::kernel_avx512::{kernel_12x16, MR_WIDE};
-use super::super::row_groups;
+use super::super::{pack_avx512, row_groups};
 use super::*;
 use std::arch::x86_64::*;
 
@@ -161,8 +161,11 @@ pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
     let m = t.a.len();
     let k = t.w.k();
     let mut panel = vec![0f32; KC * NR];
-    let mut rows = vec![0f32; KC * NR];
+    let mut rows = vec![0f32; pack_avx512::ROWS_LEN];
     let mr_max = if wide { MR_WIDE } else { MR };
+    // the AVX-512 packer where the 512-bit tile runs (the caller checked
+    // AVX-512F/BW/VL/BF16 with `wide`)
+    let wide_pack = wide && super::avx512::even_odd_rows_fit(&t.w);
     let groups = m.div_ceil(mr_max);
     let mut k0 = 0;
     while k0 < k {
@@ -170,7 +173,14 @@ pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
         let mut s = t.n0;
         while s < t.n1 {
             let ns = NR.min(t.n1 - s);
-            pack_strip(&t.w, s, ns, k0, kc, &mut rows, &mut panel);
+            if wide_pack {
+                let even_odd = kc / 32 * 32;
+                pack_avx512::pack(ns, kc, even_odd, &mut rows, &mut panel, |j, out| {
+                    super::avx512::decode_row_even_odd(&t.w, s + j, k0, out);
+                });
+            } else {
+                pack_strip(&t.w, s, ns, k0, kc, &mut rows, &mut panel);
+            }
             // the next strip of this k block, or the first of the next one
             let next = if s + NR < t.n1 {
                 Some((s + NR, NR.min(t.n1 - s - NR), k0, kc))

@@ -175,6 +175,94 @@ unsafe fn fp8_widen(b: __m256i) -> [__m512; 2] {
     ]
 }
 
+/// 64 e4m3 bytes → f32 equal to the values / 256, as two groups of 32 in
+/// even/odd order: `[g0 even, g0 odd, g1 even, g1 odd]`. The bytes are
+/// moved into f16 place as the odd and even halves of 16-bit lanes (shifts
+/// and a mask: no byte-to-word widening shuffle), so 64 weights take five
+/// integer instructions and four conversions.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn fp8_dec64_even_odd(x: __m512i) -> [__m512; 4] {
+    // a byte at bits 8..16 of its lane, shifted right (arithmetic) by one:
+    // sign at bits 14 and 15, exponent and mantissa at 7..14; the mask keeps
+    // the sign at 15 and clears the other byte's bits
+    let m = _mm512_set1_epi16(0xBF80u16 as i16);
+    let odd = _mm512_and_si512(_mm512_srai_epi16::<1>(x), m);
+    let even = _mm512_and_si512(_mm512_srai_epi16::<1>(_mm512_slli_epi16::<8>(x)), m);
+    [
+        _mm512_cvtph_ps(_mm512_castsi512_si256(even)),
+        _mm512_cvtph_ps(_mm512_castsi512_si256(odd)),
+        _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(even)),
+        _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(odd)),
+    ]
+}
+
+/// Whether [`decode_row_even_odd`] takes `w`: MXFP4, or FP8 whose scale
+/// blocks hold whole groups of 32 along K.
+pub(super) fn even_odd_rows_fit(w: &PackedMat<'_>) -> bool {
+    matches!(w, PackedMat::Mxfp4 { .. }) || fp8_fma_fits(w)
+}
+
+/// Row `n` of `w` from column `k0` (a multiple of 32) into `out` (the
+/// panel packer's row): whole groups of 32 in even/odd order, scaled, the
+/// columns past them in order. Returns the columns in even/odd order.
+///
+/// # Safety
+/// [`even_odd_rows_fit`]; row `n` exists and `k0 + out.len() <= K`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(super) unsafe fn decode_row_even_odd(w: &PackedMat<'_>, n: usize, k0: usize, out: &mut [f32]) {
+    let full = out.len() / 32;
+    let o = out.as_mut_ptr();
+    match *w {
+        PackedMat::Fp8 {
+            q,
+            scales,
+            k,
+            bn,
+            bk,
+        } => {
+            let srow = scales.as_ptr().add((n / bn) * k.div_ceil(bk));
+            let scale = |g: usize| _mm512_set1_ps(*srow.add((k0 + 32 * g) / bk) * 256.0);
+            let qp = q.as_ptr().add(n * k + k0);
+            let mut g = 0;
+            while g < full {
+                let two = g + 2 <= full;
+                let x = if two {
+                    _mm512_loadu_si512(qp.add(32 * g) as *const _)
+                } else {
+                    _mm512_maskz_loadu_epi8(u32::MAX as u64, qp.add(32 * g) as *const i8)
+                };
+                let d = fp8_dec64_even_odd(x);
+                let s0 = scale(g);
+                _mm512_storeu_ps(o.add(32 * g), _mm512_mul_ps(d[0], s0));
+                _mm512_storeu_ps(o.add(32 * g + 16), _mm512_mul_ps(d[1], s0));
+                if two {
+                    let s1 = scale(g + 1);
+                    _mm512_storeu_ps(o.add(32 * g + 32), _mm512_mul_ps(d[2], s1));
+                    _mm512_storeu_ps(o.add(32 * g + 48), _mm512_mul_ps(d[3], s1));
+                }
+                g += 2;
+            }
+        }
+        PackedMat::Mxfp4 { q, scales, k } => {
+            let luts = &*MX_F32_LUTS;
+            let e = n * k + k0;
+            for g in 0..full {
+                let x = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    q.as_ptr().add(e / 2 + 16 * g) as *const __m128i
+                ));
+                // the scale byte indexes a table of 256: no bounds check needed
+                let lut = luts.get_unchecked(scales[e / MX_GROUP + g] as usize);
+                let lut = _mm512_load_ps(lut.0.as_ptr());
+                _mm512_storeu_ps(o.add(32 * g), _mm512_permutexvar_ps(x, lut));
+                let odd = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(x), lut);
+                _mm512_storeu_ps(o.add(32 * g + 16), odd);
+            }
+        }
+    }
+    w.decode_scalar(n, k0 + 32 * full, &mut out[32 * full..]);
+}
+
 /// FP8 in one sweep of f32 FMAs (where FMAs out-run `vdpbf16ps`): 32 bytes
 /// widen in order through f16 and take their block's scale (one multiply
 /// each), so every (row, weight row) keeps a single sum and sweeps of up to
