@@ -102,6 +102,13 @@ const CASES: &[Case] = &[
         n: 140,
         k: 288,
     },
+    // packed tiles for every format over K blocks that end in a partial
+    // group of 32 (the AVX-512 packer widens whole groups, then the rest)
+    Case {
+        m: 30,
+        n: 21,
+        k: 301,
+    },
 ];
 
 /// Checks `got` against the right reference and against faulty ones.
