@@ -73,6 +73,10 @@ pub(crate) fn sweep_rows(n: usize) -> usize {
 /// weight rows `n..n + NW` times the `M` rows at `a` (as [`SweepRows`]
 /// lays them out) into the partial sums `sums[j * M + m]`.
 pub(crate) trait SweepBlock {
+    /// Whether `block` widens two groups at a time (four vectors per
+    /// weight row live at once): register blocks then take fewer weight
+    /// rows, and K chunks hold whole scale blocks of 128.
+    const PAIRS: bool = false;
     /// Groups of 32 along K (the last one may be partial).
     fn groups(&self) -> usize;
     /// # Safety
@@ -158,6 +162,24 @@ pub(crate) unsafe fn sweep<K: SweepBlock>(
     c: &[*mut f32],
 ) {
     debug_assert!(c.len() >= rows.rows);
+    if K::PAIRS {
+        // sums, four widened vectors per weight row, the activations and
+        // the scales within the 32 zmm
+        return match rows.rows {
+            0 => {}
+            1 => chunked::<K, 1, 4>(kern, rows, cols, c),
+            2 => chunked::<K, 2, 3>(kern, rows, cols, c),
+            3 => chunked::<K, 3, 3>(kern, rows, cols, c),
+            4 => chunked::<K, 4, 3>(kern, rows, cols, c),
+            5 => chunked::<K, 5, 2>(kern, rows, cols, c),
+            6 => chunked::<K, 6, 2>(kern, rows, cols, c),
+            7 => chunked::<K, 7, 2>(kern, rows, cols, c),
+            8 => chunked::<K, 8, 2>(kern, rows, cols, c),
+            9 => chunked::<K, 9, 2>(kern, rows, cols, c),
+            10 => chunked::<K, 10, 2>(kern, rows, cols, c),
+            _ => chunked::<K, 11, 2>(kern, rows, cols, c),
+        };
+    }
     match rows.rows {
         0 => {}
         1 => chunked::<K, 1, 8>(kern, rows, cols, c),
@@ -189,7 +211,10 @@ unsafe fn chunked<K: SweepBlock, const M: usize, const NW: usize>(
     debug_assert_eq!(rows.v.len(), groups * M * 2);
     let a = rows.v.as_ptr();
     let mut sums = vec![_mm512_setzero_ps(); (n1 - n0) * M];
-    let chunk = (CHUNK_BYTES / (M * 128)).max(1);
+    let mut chunk = (CHUNK_BYTES / (M * 128)).max(1);
+    if K::PAIRS {
+        chunk = (chunk / 4 * 4).max(4);
+    }
     let mut g0 = 0;
     while g0 < groups {
         let g1 = (g0 + chunk).min(groups);

@@ -263,11 +263,17 @@ pub(super) unsafe fn decode_row_even_odd(w: &PackedMat<'_>, n: usize, k0: usize,
     w.decode_scalar(n, k0 + 32 * full, &mut out[32 * full..]);
 }
 
-/// FP8 in one sweep of f32 FMAs (where FMAs out-run `vdpbf16ps`): 32 bytes
-/// widen in order through f16 and take their block's scale (one multiply
-/// each), so every (row, weight row) keeps a single sum and sweeps of up to
-/// [`sweep::MAX_ROWS`] rows fit the registers. Needs scale blocks that hold
-/// whole groups of 32 ([`fp8_fma_fits`]).
+/// FP8 in one sweep of f32 FMAs (where FMAs out-run `vdpbf16ps`): pairs
+/// of groups (64 bytes) widen through f16 in even/odd order
+/// ([`fp8_dec64_even_odd`]), and every (row, weight row) keeps one sum.
+/// The scale is applied where it costs least:
+/// - one block along K (per channel, per tensor): to the finished sums;
+/// - blocks along K, under 4 rows: the pair's products are summed apart
+///   and folded in with one FMA per (row, weight row);
+/// - 4 rows or more: to the widened weights (one multiply per vector,
+///   shared by the rows).
+///
+/// Needs scale blocks that hold whole groups of 32 ([`fp8_fma_fits`]).
 struct Fp8Fma<'a> {
     q: &'a [u8],
     scales: &'a [f32],
@@ -276,12 +282,6 @@ struct Fp8Fma<'a> {
     bk: usize,
 }
 
-/// Rows from which [`Fp8Fma`] beats the two-sum kernel ([`fp8_block`]):
-/// its extra multiply per weight vector costs 1.1–1.6× the time at 1–2
-/// rows (memory-bound decode), ties at 4, and saves 0.7–0.95× from 6 rows
-/// on (bench_linear FP8 1408×2048 and 2048×1408).
-const FP8_FMA_MIN_ROWS: usize = 5;
-
 /// Whether [`Fp8Fma`] takes `w`: FP8 whose scale blocks span whole groups
 /// of 32 along K (128 × 128 blocks, per channel, per tensor).
 pub(super) fn fp8_fma_fits(w: &PackedMat<'_>) -> bool {
@@ -289,6 +289,8 @@ pub(super) fn fp8_fma_fits(w: &PackedMat<'_>) -> bool {
 }
 
 impl SweepBlock for Fp8Fma<'_> {
+    const PAIRS: bool = true;
+
     fn groups(&self) -> usize {
         self.k.div_ceil(32)
     }
@@ -303,37 +305,76 @@ impl SweepBlock for Fp8Fma<'_> {
         (g0, g1): (usize, usize),
         sums: *mut __m512,
     ) {
-        let (k, bk) = (self.k, self.bk);
-        let kb = k.div_ceil(bk);
+        let k = self.k;
+        let kb = k.div_ceil(self.bk);
         let mut acc = sweep::load_sums::<M, NW>(sums);
         let wp: [*const u8; NW] = std::array::from_fn(|j| self.q.as_ptr().add((n + j) * k));
         let sp: [*const f32; NW] =
             std::array::from_fn(|j| self.scales.as_ptr().add(((n + j) / self.bn) * kb));
         // groups per scale block (one block: all of them)
-        let per = if bk >= k { usize::MAX } else { bk / 32 };
+        let per = if kb == 1 { usize::MAX } else { self.bk / 32 };
         let full = k / 32;
         let mut g = g0;
         while g < g1 {
             let blk = g.checked_div(per).unwrap_or(0);
             let end = blk.saturating_add(1).saturating_mul(per).min(g1);
             let sv: [__m512; NW] = std::array::from_fn(|j| _mm512_set1_ps(*sp[j].add(blk) * 256.0));
-            for g in g..end {
-                let wv: [(__m512, __m512); NW] = std::array::from_fn(|j| {
-                    let p = wp[j].add(g * 32);
-                    if g % 2 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD_ROWS * k) as *const i8);
-                    }
-                    let d = if g < full {
-                        fp8_dec32(p)
+            while g < end {
+                // two whole groups of this scale block, or one (maybe the tail)
+                let two = g + 2 <= end && g + 2 <= full;
+                let wv: [[__m512; 4]; NW] = std::array::from_fn(|j| {
+                    let p = wp[j].add(32 * g);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD_ROWS * k) as *const i8);
+                    let x = if two {
+                        _mm512_loadu_si512(p as *const _)
                     } else {
-                        let mask = (1u32 << (k - full * 32)) - 1;
-                        fp8_widen(_mm256_maskz_loadu_epi8(mask, p as *const i8))
+                        let bytes = (k - 32 * g).min(32);
+                        _mm512_maskz_loadu_epi8((1u64 << bytes) - 1, p as *const i8)
                     };
-                    (_mm512_mul_ps(d[0], sv[j]), _mm512_mul_ps(d[1], sv[j]))
+                    fp8_dec64_even_odd(x)
                 });
-                sweep::fma_group(&mut acc, a.add(g * M * 2), &wv);
+                let ag = a.add(g * M * 2);
+                if kb > 1 && M < 4 {
+                    for m in 0..M {
+                        let (x0, x1) = (*ag.add(2 * m), *ag.add(2 * m + 1));
+                        for j in 0..NW {
+                            let mut p = _mm512_mul_ps(wv[j][0], x0);
+                            p = _mm512_fmadd_ps(wv[j][1], x1, p);
+                            if two {
+                                let ag1 = ag.add(M * 2);
+                                p = _mm512_fmadd_ps(wv[j][2], *ag1.add(2 * m), p);
+                                p = _mm512_fmadd_ps(wv[j][3], *ag1.add(2 * m + 1), p);
+                            }
+                            acc[m][j] = _mm512_fmadd_ps(p, sv[j], acc[m][j]);
+                        }
+                    }
+                } else {
+                    let scale = |v: __m512, j: usize| {
+                        if kb > 1 {
+                            _mm512_mul_ps(v, sv[j])
+                        } else {
+                            v
+                        }
+                    };
+                    let w0: [(__m512, __m512); NW] =
+                        std::array::from_fn(|j| (scale(wv[j][0], j), scale(wv[j][1], j)));
+                    sweep::fma_group(&mut acc, ag, &w0);
+                    if two {
+                        let w1: [(__m512, __m512); NW] =
+                            std::array::from_fn(|j| (scale(wv[j][2], j), scale(wv[j][3], j)));
+                        sweep::fma_group(&mut acc, ag.add(M * 2), &w1);
+                    }
+                }
+                g += if two { 2 } else { 1 };
             }
-            g = end;
+        }
+        // one scale per row: the sums take it once they are complete
+        if kb == 1 && g1 == self.groups() {
+            for acc in acc.iter_mut() {
+                for (j, v) in acc.iter_mut().enumerate() {
+                    *v = _mm512_mul_ps(*v, _mm512_set1_ps(*sp[j] * 256.0));
+                }
+            }
         }
         sweep::store_sums(&acc, sums);
     }
@@ -425,7 +466,7 @@ pub(super) unsafe fn skinny(t: &QTile<'_>, fma: bool) {
                 bk,
             },
             true,
-        ) if fp8_fma_fits(&t.w) && t.a.len() >= FP8_FMA_MIN_ROWS => {
+        ) if fp8_fma_fits(&t.w) => {
             let kern = Fp8Fma {
                 q,
                 scales,
@@ -433,7 +474,7 @@ pub(super) unsafe fn skinny(t: &QTile<'_>, fma: bool) {
                 bn,
                 bk,
             };
-            let rows = SweepRows::new(t.a, k, true);
+            let rows = SweepRows::new(t.a, k, false);
             return sweep::sweep(&kern, &rows, (t.n0, t.n1), t.c);
         }
         _ => {}
