@@ -335,9 +335,9 @@ impl SweepBlock for Fp8Fma<'_> {
                 });
                 let ag = a.add(g * M * 2);
                 if kb > 1 && M < 4 {
-                    for m in 0..M {
+                    for (m, acc) in acc.iter_mut().enumerate() {
                         let (x0, x1) = (*ag.add(2 * m), *ag.add(2 * m + 1));
-                        for j in 0..NW {
+                        for (j, acc) in acc.iter_mut().enumerate() {
                             let mut p = _mm512_mul_ps(wv[j][0], x0);
                             p = _mm512_fmadd_ps(wv[j][1], x1, p);
                             if two {
@@ -345,7 +345,7 @@ impl SweepBlock for Fp8Fma<'_> {
                                 p = _mm512_fmadd_ps(wv[j][2], *ag1.add(2 * m), p);
                                 p = _mm512_fmadd_ps(wv[j][3], *ag1.add(2 * m + 1), p);
                             }
-                            acc[m][j] = _mm512_fmadd_ps(p, sv[j], acc[m][j]);
+                            *acc = _mm512_fmadd_ps(p, sv[j], *acc);
                         }
                     }
                 } else {
