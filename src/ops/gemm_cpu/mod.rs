@@ -175,12 +175,15 @@ pub(crate) fn test_rand(n: usize, seed: u64) -> Vec<f32> {
 
 /// Rows from which bf16 × bf16 tiles take the packed AVX-512 BF16 kernel
 /// ([`bf16_packed`]): past the skinny kernel's rows (it costs about the
-/// same for 4 to 8 rows as for 3, bench_linear 1408×2048), or where 512-bit
-/// FMAs out-run `vdpbf16ps`, past the FMA decode kernel's.
+/// same for 4 to 8 rows as for 3, bench_linear 1408×2048). Never where
+/// 512-bit FMAs out-run `vdpbf16ps`: there the FMA decode sweeps take up to
+/// 23 rows and the f32 FMA tile the rest, with the activations widened
+/// to f32 (bench_linear bf16 × bf16, 24–128 rows: 0.77–0.97× the time of
+/// the `vdpbf16ps` kernel).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn bf16_packed_min_rows() -> usize {
     if bf16_fma::available() {
-        bf16_fma::PACKED_MIN_ROWS
+        usize::MAX
     } else {
         SKINNY_MAX_ROWS + 1
     }
