@@ -191,7 +191,7 @@ fn float_weights_match_reference() {
 fn packed_weights_match_dequantized_reference() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(11);
-    for c in CASES.iter().filter(|c| c.k % 32 == 0) {
+    for c in CASES {
         let x = rng.randn(c.m * c.k, 1.0);
         let w = rng.randn(c.n * c.k, 1.0 / (c.k as f32).sqrt());
         let b = rng.randn(c.n, 1.0);
@@ -229,7 +229,10 @@ fn packed_weights_match_dequantized_reference() {
             1e-5,
             &format!("fp8 m {} n {} k {}", c.m, c.n, c.k),
         );
-        // MXFP4 (W4A16)
+        // MXFP4 (W4A16): K in whole groups of 32
+        if c.k % 32 != 0 {
+            continue;
+        }
         let (q, s) = quantize_mxfp4(&w, c.n, c.k);
         let deq: Vec<f32> = (0..c.n * c.k)
             .map(|i| {

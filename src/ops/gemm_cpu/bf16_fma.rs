@@ -11,9 +11,10 @@ use super::Tile;
 use half::bf16;
 use std::arch::x86_64::*;
 
-/// Rows from which the packed kernels take over from sweeps of this one
-/// (bench_linear 1408×2048 and 2048×1408: even with `bf16_packed` at 24–48
-/// rows, 0.79–0.88× the f32 FMA tile's time at 24–32).
+/// Rows from which the f32 FMA tile takes over from sweeps of this one
+/// (bench_linear 1408×2048 and 2048×1408: the sweeps ran 0.79–0.88× the
+/// tile's time at 24–32 rows with f32 activations and tied `bf16_packed`
+/// at 24–48 with bf16 ones; one rule for both).
 pub(crate) const PACKED_MIN_ROWS: usize = 24;
 
 /// Whether the CPU runs this kernel and it is the one to use: AVX-512 F/BW
@@ -94,7 +95,7 @@ impl SweepBlock for Bf16Block {
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(crate) unsafe fn prepare(a: &[*const f32], k: usize) -> Vec<SweepRows> {
     a.chunks(sweep::sweep_rows(a.len()))
-        .map(|a| SweepRows::new(a, k, false))
+        .map(|a| SweepRows::new(a, k))
         .collect()
 }
 

@@ -32,8 +32,9 @@ fn column_k(c: usize, even_odd: usize) -> usize {
 /// its first `even_odd` columns (a multiple of 32) in even/odd order.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `kc <= KC`, `rows` holds [`ROWS_LEN`] and `panel`
-/// `kc * 16`.
+/// The CPU has AVX-512F; `kc <= KC`, `even_odd` is a multiple of 32 and at
+/// most `kc` (else columns land past the panel), `rows` holds
+/// [`ROWS_LEN`] and `panel` `kc * 16`.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn pack(
     ns: usize,

@@ -4,8 +4,9 @@
 //! blocks and K chunks.
 //!
 //! A sweep keeps one sum per (row, weight row) in registers. Register
-//! blocks are sized so the sums, one weight row pair's widened vectors per
-//! block row and one activation pair fit the 32 zmm registers; loops run
+//! blocks are sized so the sums, each block row's widened weight vectors
+//! (one group's pair, or two groups' for FP8) and one activation pair fit
+//! the 32 zmm registers; loops run
 //! activation row outside, weight row inside, so each activation vector is
 //! loaded once per group.
 
@@ -15,9 +16,9 @@ use std::arch::x86_64::*;
 /// A sweep's activation rows interleaved by group: for group `g` of 32
 /// along K and row `m`, a pair of vectors at `(g * rows + m) * 2`, the tail
 /// past K zero. One pointer walks all rows. The pair is the group's 16
-/// even then 16 odd elements (the order in which a shift and a mask widen
-/// 32 bf16, or the low and high nibbles of 16 MXFP4 bytes), or its two
-/// halves in order (FP8, which widens in order).
+/// even then 16 odd elements: the order in which a shift and a mask widen
+/// 32 bf16, the low and high nibbles of 16 MXFP4 bytes, or the two bytes
+/// of 16-bit lanes of FP8.
 pub(crate) struct SweepRows {
     v: Vec<__m512>,
     rows: usize,
@@ -25,20 +26,15 @@ pub(crate) struct SweepRows {
 
 impl SweepRows {
     /// The `k` f32 at each of `a` (at most [`MAX_ROWS`]), in even/odd
-    /// order, or in order with `natural`.
+    /// order.
     ///
     /// # Safety
     /// Every `a` pointer addresses `k` readable f32; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn new(a: &[*const f32], k: usize, natural: bool) -> Self {
+    pub(crate) unsafe fn new(a: &[*const f32], k: usize) -> Self {
         debug_assert!(a.len() <= MAX_ROWS);
-        let (i0, i1) = if natural {
-            let lo = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            (lo, _mm512_add_epi32(lo, _mm512_set1_epi32(16)))
-        } else {
-            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-            (even, _mm512_add_epi32(even, _mm512_set1_epi32(1)))
-        };
+        let i0 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
         let (groups, rows) = (k.div_ceil(32), a.len());
         let mut v = vec![_mm512_setzero_ps(); groups * rows * 2];
         for (m, &a) in a.iter().enumerate() {
@@ -75,7 +71,8 @@ pub(crate) fn sweep_rows(n: usize) -> usize {
 pub(crate) trait SweepBlock {
     /// Whether `block` widens two groups at a time (four vectors per
     /// weight row live at once): register blocks then take fewer weight
-    /// rows, and K chunks hold whole scale blocks of 128.
+    /// rows, and K chunks are whole multiples of 4 groups (pairs and
+    /// 128-column scale blocks do not straddle them).
     const PAIRS: bool = false;
     /// Groups of 32 along K (the last one may be partial).
     fn groups(&self) -> usize;
@@ -164,7 +161,9 @@ pub(crate) unsafe fn sweep<K: SweepBlock>(
     debug_assert!(c.len() >= rows.rows);
     if K::PAIRS {
         // sums, four widened vectors per weight row, the activations and
-        // the scales within the 32 zmm
+        // the scales within the 32 zmm (11 rows × 2 with scaled weights
+        // exceed them by a few; such sweeps still measured 0.24–0.30× the
+        // time of run 11's FP8 sweep, BENCHMARKS.md run 12)
         return match rows.rows {
             0 => {}
             1 => chunked::<K, 1, 4>(kern, rows, cols, c),

@@ -248,8 +248,9 @@ impl GroupedGemm {
 
     /// [`Self::run`] for bf16 weights with bf16 activations `a16` (the same
     /// values as `a`) on AVX-512 BF16: segments of at least
-    /// [`bf16_packed_min_rows`] rows run the bf16 × bf16 packed kernel,
-    /// fewer a bf16 decode kernel.
+    /// [`bf16_packed_min_rows`] rows (none where FMAs out-run `vdpbf16ps`)
+    /// run the bf16 × bf16 packed kernel, the others [`gemm_tile`] on the
+    /// f32 rows (decode sweeps, or the f32 FMA tile).
     #[cfg(target_arch = "x86_64")]
     fn run_bf16(
         &self,

@@ -1,8 +1,11 @@
-//! Decode kernels on AVX-512: MXFP4 nibbles become bf16 pairs with one word
-//! permute and meet the activations in `vdpbf16ps` (32 products per
-//! instruction; the activation is split into a bf16 high part and a bf16
-//! residual, so the products keep ~16 bits of the f32 activation); FP8 bytes
-//! widen through f16 32 at a time.
+//! Decode kernels on AVX-512. Where `vdpbf16ps` out-runs 512-bit FMAs (AMD
+//! Zen 4), MXFP4 nibbles become bf16 pairs with one word permute and meet
+//! the activations in `vdpbf16ps` (the activation split into a bf16 high
+//! part and residual, so the products keep ~16 bits of it), and FP8 bytes
+//! widen through f16 32 at a time into two sums per output. Elsewhere both
+//! formats run in f32 FMAs over [`sweep`]: MXFP4 through a scaled f32
+//! table, FP8 64 bytes at a time in even/odd order. The same widening
+//! feeds the prefill's panel packer (`decode_row_even_odd`).
 
 use super::super::bf16_avx512::{split_rows, SplitRow};
 use super::super::sweep::{self, SweepBlock, SweepRows};
@@ -99,7 +102,7 @@ impl SweepBlock for MxFma<'_> {
 /// [`MxFma`] over the tile's rows (at most [`sweep::MAX_ROWS`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn mx_fma(t: &QTile<'_>, q: &[u8], scales: &[u8], k: usize) {
-    let rows = SweepRows::new(t.a, k, false);
+    let rows = SweepRows::new(t.a, k);
     sweep::sweep(&MxFma { q, scales, k }, &rows, (t.n0, t.n1), t.c)
 }
 
@@ -160,13 +163,7 @@ unsafe fn mx_block<const M: usize, const NW: usize, const RES: bool>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn fp8_dec32(p: *const u8) -> [__m512; 2] {
-    fp8_widen(_mm256_loadu_si256(p as *const __m256i))
-}
-
-/// [`fp8_dec32`] of bytes in a register.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn fp8_widen(b: __m256i) -> [__m512; 2] {
+    let b = _mm256_loadu_si256(p as *const __m256i);
     let t = _mm512_slli_epi16::<7>(_mm512_cvtepu8_epi16(b));
     let h = _mm512_add_epi16(t, _mm512_and_si512(t, _mm512_set1_epi16(0x4000)));
     [
@@ -204,8 +201,8 @@ pub(super) fn even_odd_rows_fit(w: &PackedMat<'_>) -> bool {
 }
 
 /// Row `n` of `w` from column `k0` (a multiple of 32) into `out` (the
-/// panel packer's row): whole groups of 32 in even/odd order, scaled, the
-/// columns past them in order. Returns the columns in even/odd order.
+/// panel packer's row), scaled: its first `out.len() / 32 * 32` columns in
+/// even/odd order per group of 32, the rest in order. Returns the columns in even/odd order.
 ///
 /// # Safety
 /// [`even_odd_rows_fit`]; row `n` exists and `k0 + out.len() <= K`.
@@ -444,15 +441,16 @@ unsafe fn skinny_m<const M: usize, const NW: usize>(t: &QTile<'_>) {
 }
 
 /// All of the tile's rows (at most `avx512_sweep_rows`) in one sweep:
-/// every weight is read and
-/// decoded once, its products with each row accumulate in registers.
-/// `fma`: MXFP4 in f32 FMAs ([`MxFma`]), else in `vdpbf16ps`.
+/// every weight is read and decoded once, its products with each row
+/// accumulate in registers. `fma`: MXFP4 ([`MxFma`]) and FP8 whose scale
+/// blocks fit ([`Fp8Fma`]) in f32 FMAs; else MXFP4 in `vdpbf16ps` and FP8
+/// in the two-sum kernel.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) unsafe fn skinny(t: &QTile<'_>, fma: bool) {
-    // weight rows per block sized so the sums and decoded weights stay in
-    // the 32 zmm registers: MXFP4 keeps one sum per (row, weight row), FP8
-    // two (the k-block's partial sum and the total) and two decoded vectors
-    // per weight row
+    // without `fma`, weight rows per block sized so the sums and decoded
+    // weights stay in the 32 zmm registers: MXFP4 keeps one sum per (row,
+    // weight row), FP8 two (the k-block's partial sum and the total) and
+    // two decoded vectors per weight row
     let mx = matches!(t.w, PackedMat::Mxfp4 { .. });
     debug_assert!(t.a.len() <= avx512_sweep_rows(&t.w, fma));
     match (t.w, fma) {
@@ -474,7 +472,7 @@ pub(super) unsafe fn skinny(t: &QTile<'_>, fma: bool) {
                 bn,
                 bk,
             };
-            let rows = SweepRows::new(t.a, k, false);
+            let rows = SweepRows::new(t.a, k);
             return sweep::sweep(&kern, &rows, (t.n0, t.n1), t.c);
         }
         _ => {}

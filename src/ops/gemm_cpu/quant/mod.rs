@@ -10,8 +10,9 @@
 //! (AVX2: [`decode_avx2`], shifts and masks; AVX-512: `avx512`, all of a
 //! tile's rows in one sweep); more rows decode a 16-column strip into the
 //! f32 panel of the dense packed kernel and reuse its FMA tile (6×16 on
-//! AVX2, 12×16 on AVX-512; widening through F16C and a byte table), or run
-//! `packed_bf16` where `vdpbf16ps` out-runs 512-bit FMAs.
+//! AVX2, widening through F16C and a byte table; 12×16 on AVX-512, packed
+//! by `pack_avx512`), or run `packed_bf16` where `vdpbf16ps` out-runs
+//! 512-bit FMAs.
 
 #[cfg(target_arch = "x86_64")]
 mod skinny;
@@ -78,8 +79,9 @@ impl Isa {
     /// Rows from which decoding weight strips into panels for the packed
     /// kernel beats running the decode kernel over passes of its rows
     /// (bench_linear, 2816×2048 / 2048×1408 / 2048×2048). On AVX-512
-    /// (MXFP4 in one sweep of ≤ 11 rows, FP8 in passes of ≤ 6) the decode
-    /// kernel wins up to 22 rows and ties at 32 (BENCHMARKS.md run 10). On
+    /// (MXFP4 in one sweep of ≤ 11 rows, FP8 then in passes of ≤ 6; FP8
+    /// sweeps of ≤ 11 rows since) the decode kernel wins up to 22 rows and
+    /// ties at 32 (BENCHMARKS.md run 10). On
     /// AVX2 (passes of ≤ 4 rows, shift-and-mask decode) FP8 decode passes
     /// win up to 19 rows and tie at 20–24, MXFP4 ones win up to 12 rows and
     /// tie at 13–16 (42240×2048, BENCHMARKS.md run 9).
@@ -130,9 +132,9 @@ pub unsafe fn qgemm_tile_with(t: &QTile<'_>, isa: Isa) {
     match isa {
         // few rows on AVX-512: the decode kernel, all rows in one sweep
         Isa::Avx512Bf16 | Isa::Avx512Fma if t.a.len() < isa.packed_min_rows(&t.w) => {
-            // FP8 keeps two sums per (row, weight row): past 6 rows it runs
-            // passes of equal size (measured faster than a sweep over one
-            // weight row at a time)
+            // passes of equal size, each at most one sweep (6 rows for the
+            // FP8 kernel that keeps two sums per output: measured faster than
+            // a sweep over one weight row at a time)
             let max = avx512_sweep_rows(&t.w, isa == Isa::Avx512Fma);
             let per = t.a.len().div_ceil(t.a.len().div_ceil(max).max(1)).max(1);
             for (a, c) in t.a.chunks(per).zip(t.c.chunks(per)) {
@@ -314,8 +316,10 @@ mod tests {
             (32, 16, 1, 128),
             (32, 32, 1, 128),
             (256, 128, 128, 128),
-            // sweeps of 2–11 rows in several K chunks
+            // sweeps of 2–11 rows in several K chunks, with scale blocks
+            // along K and with one per row (applied to the finished sums)
             (19, 2048, 128, 128),
+            (19, 2048, 1, 2048),
         ] {
             let mut rng = Lcg(n as u64);
             let q: Vec<u8> = (0..n * k)
