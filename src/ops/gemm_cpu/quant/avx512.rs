@@ -202,7 +202,7 @@ pub(super) fn even_odd_rows_fit(w: &PackedMat<'_>) -> bool {
 
 /// Row `n` of `w` from column `k0` (a multiple of 32) into `out` (the
 /// panel packer's row), scaled: its first `out.len() / 32 * 32` columns in
-/// even/odd order per group of 32, the rest in order. Returns the columns in even/odd order.
+/// even/odd order per group of 32, the rest in order.
 ///
 /// # Safety
 /// [`even_odd_rows_fit`]; row `n` exists and `k0 + out.len() <= K`.
