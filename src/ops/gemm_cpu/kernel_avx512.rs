@@ -1,30 +1,40 @@
-//! The packed kernels' register tile in 512-bit FMAs: 12 rows × 16 columns,
-//! one zmm per row, over the same f32 panels as the AVX2 6×16 tile. Where
-//! the CPU issues two 512-bit FMAs per cycle it multiplies twice as much
-//! per cycle as the AVX2 tile, and on Intel cores also twice as much as
-//! `vdpbf16ps`, which they run at one per two cycles (measured here:
-//! 1.3 G/s against 5.4 G/s FMAs per core); AMD Zen 4 is the other way
-//! round, so [`fma_beats_dpbf16`] measures it.
+//! The packed kernels' register tile in 512-bit FMAs: up to 12 rows × 32
+//! columns, two zmm per row, over two f32 panels of 16 columns each (the
+//! same panels as the AVX2 6×16 tile). Where the CPU issues two 512-bit
+//! FMAs per cycle it multiplies twice as much per cycle as the AVX2 tile,
+//! and on Intel cores also twice as much as `vdpbf16ps`, which they run at
+//! one per two cycles (measured here: 1.3 G/s against 5.4 G/s FMAs per
+//! core); AMD Zen 4 is the other way round, so [`fma_beats_dpbf16`]
+//! measures it. Two panels share each broadcast of A: a 12 × 16 tile ran
+//! at 3.2–3.5 G FMA/s per core over 60 rows at an 8 KiB stride, the 12 ×
+//! 32 one at 4.0–4.6 (standalone microbenchmark of the loop).
 
 use super::bf16_avx512::mask16;
+use super::{KC, NR};
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 /// Rows of the tile at most.
 pub(crate) const MR_WIDE: usize = 12;
+/// Columns of the tile at most: two panels.
+pub(crate) const NR_WIDE: usize = 2 * NR;
+/// f32 in the two panels of [`kernel_12x32`]: the second starts at `KC * NR`.
+pub(crate) const PANELS_LEN: usize = 2 * KC * NR;
 
-/// `C[r, 0..16] (+)= A[r, k0..k0+kc] · panel` (`panel[kk * 16 + j]`) for
+/// `C[r, 0..ns] (+)= A[r, k0..k0+kc] · [panel₀ | panel₁]`, where panel `p`
+/// holds columns `16p..16p+16` as `panel[p * KC * 16 + kk * 16 + j]`, for
 /// the rows `r` of `a` (at most [`MR_WIDE`]; every row is a real one: a
 /// group of fewer rows runs a tile of that height, no padding rows); only
-/// `ns` columns are stored, at `c[r] + col`.
+/// `ns` (≤ 32) columns are stored, at `c[r] + col`, and the second panel is
+/// not read when `ns ≤ 16`.
 ///
 /// # Safety
 /// AVX-512F available; every `a[r] + k0` addresses `kc` readable f32,
-/// `panel` holds `kc * 16`, and every `c[r] + col` addresses `ns` writable
-/// f32; `c` is as long as `a`.
+/// `kc <= KC`, `panel` holds [`PANELS_LEN`] f32, and every `c[r] + col`
+/// addresses `ns` writable f32; `c` is as long as `a`.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn kernel_12x16(
+pub(crate) unsafe fn kernel_12x32(
     a: &[*const f32],
     k0: usize,
     panel: &[f32],
@@ -34,51 +44,70 @@ pub(crate) unsafe fn kernel_12x16(
     ns: usize,
     accumulate: bool,
 ) {
-    debug_assert!(panel.len() >= kc * 16 && c.len() == a.len());
+    debug_assert!(panel.len() >= PANELS_LEN && kc <= KC && ns <= NR_WIDE && c.len() == a.len());
     let args = (k0, panel, kc, col, ns, accumulate);
+    if ns <= NR {
+        return rows::<1>(a, c, args);
+    }
+    rows::<2>(a, c, args)
+}
+
+/// [`kernel_12x32`] over `P` panels.
+#[inline(always)]
+unsafe fn rows<const P: usize>(a: &[*const f32], c: &[*mut f32], args: Args<'_>) {
     match a.len() {
         0 => {}
-        1 => tile::<1>(a, c, args),
-        2 => tile::<2>(a, c, args),
-        3 => tile::<3>(a, c, args),
-        4 => tile::<4>(a, c, args),
-        5 => tile::<5>(a, c, args),
-        6 => tile::<6>(a, c, args),
-        7 => tile::<7>(a, c, args),
-        8 => tile::<8>(a, c, args),
-        9 => tile::<9>(a, c, args),
-        10 => tile::<10>(a, c, args),
-        11 => tile::<11>(a, c, args),
-        _ => tile::<12>(a, c, args),
+        1 => tile::<1, P>(a, c, args),
+        2 => tile::<2, P>(a, c, args),
+        3 => tile::<3, P>(a, c, args),
+        4 => tile::<4, P>(a, c, args),
+        5 => tile::<5, P>(a, c, args),
+        6 => tile::<6, P>(a, c, args),
+        7 => tile::<7, P>(a, c, args),
+        8 => tile::<8, P>(a, c, args),
+        9 => tile::<9, P>(a, c, args),
+        10 => tile::<10, P>(a, c, args),
+        11 => tile::<11, P>(a, c, args),
+        _ => tile::<12, P>(a, c, args),
     }
 }
 
-/// [`kernel_12x16`] for `R` rows.
+/// `(k0, panel, kc, col, ns, accumulate)` of [`kernel_12x32`].
+type Args<'a> = (usize, &'a [f32], usize, usize, usize, bool);
+
+/// [`kernel_12x32`] for `R` rows and `P` panels.
 #[inline(always)]
-unsafe fn tile<const R: usize>(
+unsafe fn tile<const R: usize, const P: usize>(
     a: &[*const f32],
     c: &[*mut f32],
-    (k0, panel, kc, col, ns, accumulate): (usize, &[f32], usize, usize, usize, bool),
+    (k0, panel, kc, col, ns, accumulate): Args<'_>,
 ) {
-    let mask = mask16(ns);
+    let mask: [u16; P] = std::array::from_fn(|p| mask16(ns.saturating_sub(p * NR)));
     let ap: [*const f32; R] = std::array::from_fn(|r| a[r].add(k0));
     let cp: [*mut f32; R] = std::array::from_fn(|r| c[r].add(col));
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
     if accumulate {
         for r in 0..R {
-            acc[r] = _mm512_maskz_loadu_ps(mask, cp[r]);
+            for p in 0..P {
+                acc[r][p] = _mm512_maskz_loadu_ps(mask[p], cp[r].add(p * NR));
+            }
         }
     }
     let mut b = panel.as_ptr();
     for kk in 0..kc {
-        let bv = _mm512_loadu_ps(b);
+        let bv: [__m512; P] = std::array::from_fn(|p| _mm512_loadu_ps(b.add(p * KC * NR)));
         for r in 0..R {
-            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*ap[r].add(kk)), bv, acc[r]);
+            let x = _mm512_set1_ps(*ap[r].add(kk));
+            for p in 0..P {
+                acc[r][p] = _mm512_fmadd_ps(x, bv[p], acc[r][p]);
+            }
         }
-        b = b.add(16);
+        b = b.add(NR);
     }
     for r in 0..R {
-        _mm512_mask_storeu_ps(cp[r], mask, acc[r]);
+        for p in 0..P {
+            _mm512_mask_storeu_ps(cp[r].add(p * NR), mask[p], acc[r][p]);
+        }
     }
 }
 

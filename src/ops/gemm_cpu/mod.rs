@@ -463,32 +463,41 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// `wide`: the 12-row 512-bit tile ([`super::kernel_avx512`]; the
-    /// caller checked AVX-512F), else the 6-row AVX2 one.
+    /// `wide`: the 12 × 32 512-bit tile ([`super::kernel_avx512`]; the
+    /// caller checked AVX-512F) over pairs of strips, else the 6-row AVX2
+    /// one over single strips.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn packed<W: WeightElem>(t: &Tile<'_, W>, wide: bool) {
         let m = t.a.len();
-        let mr_max = if wide { kernel_avx512::MR_WIDE } else { MR };
-        let mut panel = vec![0f32; KC * NR];
+        let (mr_max, step) = if wide {
+            (kernel_avx512::MR_WIDE, kernel_avx512::NR_WIDE)
+        } else {
+            (MR, NR)
+        };
+        let mut panel = vec![0f32; kernel_avx512::PANELS_LEN];
         let mut k0 = 0;
         while k0 < t.k {
             let kc = KC.min(t.k - k0);
             let mut s = t.n0;
             while s < t.n1 {
-                let ns = NR.min(t.n1 - s);
-                pack_strip(t.w, t.k, s, ns, k0, kc, &mut panel);
-                // the next strip of this k block, or the first of the next one
-                let next = if s + NR < t.n1 {
+                let ns = step.min(t.n1 - s);
+                let (first, second) = panel.split_at_mut(KC * NR);
+                pack_strip(t.w, t.k, s, ns.min(NR), k0, kc, first);
+                if ns > NR {
+                    pack_strip(t.w, t.k, s + NR, ns - NR, k0, kc, second);
+                }
+                // the next strips of this k block, or the first of the next one
+                let next = if s + step < t.n1 {
                     Some(Strip {
-                        s: s + NR,
-                        ns: NR.min(t.n1 - s - NR),
+                        s: s + step,
+                        ns: step.min(t.n1 - s - step),
                         k0,
                         kc,
                     })
                 } else if k0 + KC < t.k {
                     Some(Strip {
                         s: t.n0,
-                        ns: NR.min(t.n1 - t.n0),
+                        ns: step.min(t.n1 - t.n0),
                         k0: k0 + KC,
                         kc: KC.min(t.k - k0 - KC),
                     })
@@ -502,7 +511,7 @@ pub(crate) mod avx2 {
                     }
                     let (a, c) = (&t.a[mg..mg + mr], &t.c[mg..mg + mr]);
                     if wide {
-                        kernel_avx512::kernel_12x16(a, k0, &panel, kc, c, s - t.n0, ns, k0 > 0);
+                        kernel_avx512::kernel_12x32(a, k0, &panel, kc, c, s - t.n0, ns, k0 > 0);
                     } else {
                         // missing rows re-read row 0; their results are not stored
                         let row = |r: usize| if r < mr { r } else { 0 };
@@ -511,7 +520,7 @@ pub(crate) mod avx2 {
                         kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
                     }
                 }
-                s += NR;
+                s += step;
             }
             k0 += KC;
         }

@@ -4,7 +4,7 @@
 //! `pack_avx512` where the format's scale blocks allow.
 
 use super::super::avx2::{kernel_6x16, transpose8};
-use super::super::kernel_avx512::{kernel_12x16, MR_WIDE};
+use super::super::kernel_avx512::{kernel_12x32, MR_WIDE, NR_WIDE, PANELS_LEN};
 use super::super::{pack_avx512, row_groups};
 use super::*;
 use std::arch::x86_64::*;
@@ -156,15 +156,15 @@ unsafe fn prefetch_strip(
     }
 }
 
-/// `wide`: the 12-row 512-bit tile (the caller checked AVX-512F), else
-/// the 6-row AVX2 one.
+/// `wide`: the 12 × 32 512-bit tile over pairs of strips (the caller
+/// checked AVX-512F), else the 6-row AVX2 one over single strips.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
     let m = t.a.len();
     let k = t.w.k();
-    let mut panel = vec![0f32; KC * NR];
+    let mut panel = vec![0f32; PANELS_LEN];
     let mut rows = vec![0f32; pack_avx512::ROWS_LEN];
-    let mr_max = if wide { MR_WIDE } else { MR };
+    let (mr_max, step) = if wide { (MR_WIDE, NR_WIDE) } else { (MR, NR) };
     // the AVX-512 packer where the 512-bit tile runs (the caller checked
     // AVX-512F/BW/VL/BF16 with `wide`)
     let wide_pack = wide && super::avx512::even_odd_rows_fit(&t.w);
@@ -174,20 +174,26 @@ pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
         let kc = KC.min(k - k0);
         let mut s = t.n0;
         while s < t.n1 {
-            let ns = NR.min(t.n1 - s);
-            if wide_pack {
-                let even_odd = kc / 32 * 32;
-                pack_avx512::pack(ns, kc, even_odd, &mut rows, &mut panel, |j, out| {
-                    super::avx512::decode_row_even_odd(&t.w, s + j, k0, out);
-                });
-            } else {
-                pack_strip(&t.w, s, ns, k0, kc, &mut rows, &mut panel);
+            let ns = step.min(t.n1 - s);
+            for (p, panel) in panel.chunks_exact_mut(KC * NR).enumerate() {
+                let (sp, nsp) = (s + p * NR, ns.saturating_sub(p * NR).min(NR));
+                if nsp == 0 {
+                    break;
+                }
+                if wide_pack {
+                    let even_odd = kc / 32 * 32;
+                    pack_avx512::pack(nsp, kc, even_odd, &mut rows, panel, |j, out| {
+                        super::avx512::decode_row_even_odd(&t.w, sp + j, k0, out);
+                    });
+                } else {
+                    pack_strip(&t.w, sp, nsp, k0, kc, &mut rows, panel);
+                }
             }
-            // the next strip of this k block, or the first of the next one
-            let next = if s + NR < t.n1 {
-                Some((s + NR, NR.min(t.n1 - s - NR), k0, kc))
+            // the next strips of this k block, or the first of the next one
+            let next = if s + step < t.n1 {
+                Some((s + step, step.min(t.n1 - s - step), k0, kc))
             } else if k0 + KC < k {
-                Some((t.n0, NR.min(t.n1 - t.n0), k0 + KC, KC.min(k - k0 - KC)))
+                Some((t.n0, step.min(t.n1 - t.n0), k0 + KC, KC.min(k - k0 - KC)))
             } else {
                 None
             };
@@ -197,7 +203,7 @@ pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
                 }
                 let (a, c) = (&t.a[mg..mg + mr], &t.c[mg..mg + mr]);
                 if wide {
-                    kernel_12x16(a, k0, &panel, kc, c, s - t.n0, ns, k0 > 0);
+                    kernel_12x32(a, k0, &panel, kc, c, s - t.n0, ns, k0 > 0);
                 } else {
                     // missing rows re-read row 0; their results are not stored
                     let row = |r: usize| if r < mr { r } else { 0 };
@@ -206,7 +212,7 @@ pub(super) unsafe fn packed(t: &QTile<'_>, wide: bool) {
                     kernel_6x16(a, &panel, kc, c, mr, ns, k0 > 0);
                 }
             }
-            s += NR;
+            s += step;
         }
         k0 += KC;
     }
