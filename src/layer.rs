@@ -259,6 +259,18 @@ impl SharedExperts {
     }
 }
 
+impl SharedExperts {
+    /// `y + forward(x)` in one pass over the rows (the gate's sigmoid and
+    /// product included).
+    pub fn add_to(&self, y: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        let s = self.mlp.forward(x)?;
+        match &self.gate {
+            None => crate::ops::residual_add(y, &s),
+            Some(gate) => crate::ops::gated_residual_add(y, &s, &gate.forward(x)?),
+        }
+    }
+}
+
 impl Module for SharedExperts {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.mlp.forward(x)?;
@@ -444,7 +456,7 @@ impl FusedMoe {
             self.expert_map.expert_map(),
         )?;
         if let Some(shared) = &self.shared {
-            y = (y + shared.forward(&x)?)?;
+            y = shared.add_to(&y, &x)?;
         }
         Ok((y.reshape(dims)?, meta))
     }

@@ -10,7 +10,7 @@ use crate::model::{CausalLm, Logits, ModelInfo, SeqInput};
 use crate::rope::RotaryEmbedding;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_moe::dist::{Communicator, NaiveEpPrepareAndFinalize};
-use candle_moe::ops::{PagedAttentionMeta, SeqSpan};
+use candle_moe::ops::{residual_add, PagedAttentionMeta, SeqSpan};
 use candle_moe::quant::{qlinear, QLinear, QuantScheme};
 use candle_moe::{Activation, EpConfig, FusedMoeConfig, GatedMlp, SparseMoeBlock};
 use candle_nn::{embedding, rms_norm, Embedding, RmsNorm, VarBuilder};
@@ -136,13 +136,13 @@ impl DecoderLayer {
         let h = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, rope_cs, cache, meta)?;
-        let x = (x + h)?;
+        let x = residual_add(x, &h)?;
         let y = self.post_attention_layernorm.forward(&x)?;
         let y = match &self.mlp {
             Mlp::Dense(m) => m.forward(&y)?,
             Mlp::Moe(m) => m.forward(&y)?,
         };
-        x + y
+        residual_add(&x, &y)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod grouped_gemm;
 mod kernel_sigs;
 pub mod linear;
 pub mod reduce;
+pub mod residual;
 pub mod topk;
 
 pub use act_quant::fp8_group_quant_dequant;
@@ -20,6 +21,7 @@ pub use attention::{paged_attention, write_kv, PagedAttentionMeta, SeqSpan};
 pub use grouped_gemm::{grouped_gemm, grouped_gemm_with_kernel, CudaGemmKernel, GroupedGemmArgs};
 pub use linear::{linear, LinearArgs};
 pub use reduce::moe_weighted_sum;
+pub use residual::{gated_residual_add, residual_add};
 pub use topk::{router_weights, topk_select, ScoringFunc};
 
 use candle_core::backend::BackendStorage;
