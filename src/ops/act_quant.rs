@@ -5,7 +5,6 @@
 
 use crate::format::fp8::fake_quant_fp8_groups;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 struct Fp8GroupQuant {
@@ -26,8 +25,7 @@ impl CustomOp1 for Fp8GroupQuant {
         }
         let mut x = super::to_f32_cow(s, l, "activations")?.into_owned();
         if k > 0 {
-            x.par_chunks_mut(k)
-                .for_each(|row| fake_quant_fp8_groups(row, self.group));
+            super::for_chunks(&mut x, k, |_, row| fake_quant_fp8_groups(row, self.group));
         }
         Ok((CpuStorage::F32(x), l.shape().clone()))
     }

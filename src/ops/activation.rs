@@ -2,7 +2,6 @@
 //! `w13` GEMM produces them.
 
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Activation {
@@ -101,13 +100,13 @@ impl CustomOp1 for ActAndMul {
         let mut out = vec![0f32; r * i];
         if let Some(rows_per_task) = 16384usize.checked_div(i) {
             let rows_per_task = rows_per_task.max(1);
-            out.par_chunks_mut(i * rows_per_task)
-                .zip(x.par_chunks(n2 * rows_per_task))
-                .for_each(|(o, x)| {
-                    for (o, x) in o.chunks_mut(i).zip(x.chunks(n2)) {
-                        act_row(self.act, &x[..i], &x[i..], o);
-                    }
-                });
+            let x = &x[..];
+            super::for_chunks(&mut out, i * rows_per_task, |c, o| {
+                let x = &x[c * n2 * rows_per_task..];
+                for (o, x) in o.chunks_mut(i).zip(x.chunks(n2)) {
+                    act_row(self.act, &x[..i], &x[i..], o);
+                }
+            });
         }
         Ok((CpuStorage::F32(out), Shape::from((r, i))))
     }

@@ -10,7 +10,7 @@
 use super::gemm_cpu::quant::{qgemm_tile, QTile};
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
 use super::grouped_gemm::{f32_field, packed_bytes, quant_mats, slice};
-use super::{contiguous, to_f32_cow, SendPtr};
+use super::{contiguous, for_chunks, to_f32_cow, SendPtr, PAR_MIN_ELEMS};
 use crate::format::fp8::fake_quant_fp8_groups;
 use crate::format::PackedWeights;
 use candle_core::backend::BackendStorage;
@@ -156,9 +156,7 @@ impl DenseLinear {
                 bail!("linear: activation quant group size 0")
             }
             if k > 0 {
-                a.to_mut()
-                    .par_chunks_mut(k)
-                    .for_each(|row| fake_quant_fp8_groups(row, group));
+                for_chunks(a.to_mut(), k, |_, row| fake_quant_fp8_groups(row, group));
             }
         }
         Ok(match &self.args.quant {
@@ -271,21 +269,26 @@ impl CustomOp2 for DenseLinear {
         let bias_t = f32_field(&self.args.bias, "linear bias", n)?;
         let bias_g = bias_t.as_ref().map(|t| t.storage_and_layout());
         if let (Some(b), true) = (slice(&bias_g, "linear bias")?, n > 0) {
-            out.par_chunks_mut(n)
-                .for_each(|r| r.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+            for_chunks(&mut out, n, |_, r| {
+                r.iter_mut().zip(b).for_each(|(o, b)| *o += b)
+            });
         }
         let shape = Shape::from((m, n));
         Ok(match sx.dtype() {
-            DType::BF16 => (
-                CpuStorage::BF16(out.into_par_iter().map(bf16::from_f32).collect()),
-                shape,
-            ),
-            DType::F16 => (
-                CpuStorage::F16(out.into_par_iter().map(f16::from_f32).collect()),
-                shape,
-            ),
+            DType::BF16 => (CpuStorage::BF16(round_out(out, bf16::from_f32)), shape),
+            DType::F16 => (CpuStorage::F16(round_out(out, f16::from_f32)), shape),
             _ => (CpuStorage::F32(out), shape),
         })
+    }
+}
+
+/// The f32 output rounded to the input's dtype (inline below
+/// [`PAR_MIN_ELEMS`]).
+fn round_out<T: Send>(out: Vec<f32>, f: fn(f32) -> T) -> Vec<T> {
+    if out.len() < PAR_MIN_ELEMS {
+        out.into_iter().map(f).collect()
+    } else {
+        out.into_par_iter().map(f).collect()
     }
 }
 

@@ -4,7 +4,6 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 struct WeightedSum {
@@ -36,7 +35,7 @@ impl WeightedSum {
         }
         let mut out = vec![0f32; t * h];
         if h > 0 {
-            out.par_chunks_mut(h).enumerate().for_each(|(ti, o)| {
+            super::for_chunks(&mut out, h, |ti, o| {
                 for j in 0..k {
                     let r = ti * k + j;
                     let wt = w.map_or(1.0, |w| w[r]);

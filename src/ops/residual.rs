@@ -12,9 +12,8 @@ use super::contiguous;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
-/// Elements per rayon task; smaller tensors run inline.
+/// Elements per task (on rayon from [`super::PAR_MIN_ELEMS`]).
 const CHUNK: usize = 16 << 10;
 
 /// A float element summed in f32.
@@ -60,7 +59,7 @@ impl Val for f16 {
 fn sum_rows<T: Val>(a: &[T], b: &[T], h: usize, gate: Option<&[f32]>) -> Vec<T> {
     let mut out = vec![T::put(0.0); a.len()];
     let rows = (CHUNK / h.max(1)).max(1);
-    let work = |(ci, o): (usize, &mut [T])| {
+    super::for_chunks(&mut out, (rows * h).max(1), |ci, o| {
         let r0 = ci * rows;
         let base = r0 * h;
         for (i, o) in o.iter_mut().enumerate() {
@@ -70,13 +69,7 @@ fn sum_rows<T: Val>(a: &[T], b: &[T], h: usize, gate: Option<&[f32]>) -> Vec<T> 
                 None => x + y,
             });
         }
-    };
-    let chunk = rows * h;
-    if a.len() <= chunk || chunk == 0 {
-        out.chunks_mut(chunk.max(1)).enumerate().for_each(work);
-    } else {
-        out.par_chunks_mut(chunk).enumerate().for_each(work);
-    }
+    });
     out
 }
 

@@ -430,9 +430,7 @@ impl CustomOp3 for GroupedGemm {
                 bail!("grouped gemm: activation quant group size 0")
             }
             if k > 0 {
-                a.to_mut()
-                    .par_chunks_mut(k)
-                    .for_each(|row| fake_quant_fp8_groups(row, group));
+                super::for_chunks(a.to_mut(), k, |_, row| fake_quant_fp8_groups(row, group));
             }
         }
         let buf = contiguous::<u32>(sr, lr, "routing")?;
