@@ -12,8 +12,8 @@
 //! - *packed* (more rows): a 16-column strip of W is widened and transposed
 //!   into an L1-sized panel, then a 6×16 register-blocked FMA kernel runs over
 //!   groups of 6 rows (the classic BLIS shape), or on AVX-512 CPUs that
-//!   issue two 512-bit FMAs per cycle a tile of up to 12 rows × 16
-//!   (`kernel_avx512`).
+//!   issue two 512-bit FMAs per cycle a tile of up to 12 rows × 32 over
+//!   two strips' panels (`kernel_avx512`).
 //!
 //! AVX2+FMA+F16C is detected at run time; other CPUs use portable loops.
 

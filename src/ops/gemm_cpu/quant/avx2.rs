@@ -1,6 +1,6 @@
 //! Prefill of the quantized GEMM: weight strips decoded into the f32
 //! panels of the dense tiles — the 6×16 AVX2 one (AVX2 + FMA + F16C
-//! widening, 8 × 8 transposes), or the 12×16 zmm one with panels from
+//! widening, 8 × 8 transposes), or the 12×32 zmm one with panels from
 //! `pack_avx512` where the format's scale blocks allow.
 
 use super::super::avx2::{kernel_6x16, transpose8};

@@ -10,9 +10,9 @@
 //! (AVX2: [`decode_avx2`], shifts and masks; AVX-512: `avx512`, all of a
 //! tile's rows in one sweep); more rows decode a 16-column strip into the
 //! f32 panel of the dense packed kernel and reuse its FMA tile (6×16 on
-//! AVX2, widening through F16C and a byte table; 12×16 on AVX-512, packed
-//! by `pack_avx512`), or run `packed_bf16` where `vdpbf16ps` out-runs
-//! 512-bit FMAs.
+//! AVX2, widening through F16C and a byte table; 12×32 over two strips on
+//! AVX-512, packed by `pack_avx512`), or run `packed_bf16` where
+//! `vdpbf16ps` out-runs 512-bit FMAs.
 
 #[cfg(target_arch = "x86_64")]
 mod skinny;
