@@ -257,11 +257,10 @@ impl SharedExperts {
     pub fn weight_bytes(&self) -> usize {
         self.mlp.weight_bytes() + self.gate.as_ref().map_or(0, QLinear::weight_bytes)
     }
-}
 
-impl SharedExperts {
     /// `y + forward(x)` in one pass over the rows (the gate's sigmoid and
-    /// product included).
+    /// product included). In bf16 / f16 it rounds once where `forward`
+    /// followed by `+` rounds after each op (as candle and transformers do).
     pub fn add_to(&self, y: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
         let s = self.mlp.forward(x)?;
         match &self.gate {

@@ -101,7 +101,12 @@ impl CustomOp1 for ActAndMul {
         if let Some(rows_per_task) = 16384usize.checked_div(i) {
             let rows_per_task = rows_per_task.max(1);
             let x = &x[..];
-            super::for_chunks(&mut out, i * rows_per_task, |c, o| {
+            // exact GELU calls erf in f64, ~16× a SiLU's cost
+            let min_par = match self.act {
+                Activation::Silu => super::PAR_MIN_ELEMS,
+                _ => super::PAR_MIN_ELEMS / 16,
+            };
+            super::for_chunks_from(&mut out, i * rows_per_task, min_par, |c, o| {
                 let x = &x[c * n2 * rows_per_task..];
                 for (o, x) in o.chunks_mut(i).zip(x.chunks(n2)) {
                     act_row(self.act, &x[..i], &x[i..], o);

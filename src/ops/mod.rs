@@ -42,8 +42,20 @@ pub(crate) fn for_chunks<T: Send>(
     chunk: usize,
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
+    for_chunks_from(x, chunk, PAR_MIN_ELEMS, f)
+}
+
+/// [`for_chunks`] going to rayon from `min_par` elements (passes that cost
+/// more per element than a rounding).
+pub(crate) fn for_chunks_from<T: Send>(
+    x: &mut [T],
+    chunk: usize,
+    min_par: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
     use rayon::prelude::*;
-    if x.len() < PAR_MIN_ELEMS {
+    debug_assert!(chunk > 0);
+    if x.len() < min_par {
         x.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
     } else {
         x.par_chunks_mut(chunk)

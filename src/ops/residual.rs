@@ -55,19 +55,35 @@ impl Val for f16 {
     }
 }
 
-/// `out[i] = a[i] + b[i] · gate(i / h)` in chunks of whole rows.
+/// `out = a + b · gate[row]` in chunks of whole rows.
 fn sum_rows<T: Val>(a: &[T], b: &[T], h: usize, gate: Option<&[f32]>) -> Vec<T> {
     let mut out = vec![T::put(0.0); a.len()];
-    let rows = (CHUNK / h.max(1)).max(1);
-    super::for_chunks(&mut out, (rows * h).max(1), |ci, o| {
-        let r0 = ci * rows;
-        let base = r0 * h;
-        for (i, o) in o.iter_mut().enumerate() {
-            let (x, y) = (a[base + i].get(), b[base + i].get());
-            *o = T::put(match gate {
-                Some(g) => x + y * g[r0 + i / h],
-                None => x + y,
-            });
+    if h == 0 {
+        return out;
+    }
+    let rows = (CHUNK / h).max(1);
+    super::for_chunks(&mut out, rows * h, |ci, o| {
+        let base = ci * rows * h;
+        let (a, b) = (&a[base..base + o.len()], &b[base..base + o.len()]);
+        for (r, ((o, a), b)) in o
+            .chunks_mut(h)
+            .zip(a.chunks(h))
+            .zip(b.chunks(h))
+            .enumerate()
+        {
+            match gate {
+                Some(g) => {
+                    let g = g[ci * rows + r];
+                    for ((o, x), y) in o.iter_mut().zip(a).zip(b) {
+                        *o = T::put(x.get() + y.get() * g);
+                    }
+                }
+                None => {
+                    for ((o, x), y) in o.iter_mut().zip(a).zip(b) {
+                        *o = T::put(x.get() + y.get());
+                    }
+                }
+            }
         }
     });
     out
@@ -87,9 +103,10 @@ fn run(
             lb.shape()
         )
     }
-    let h = la.shape().dims().last().copied().unwrap_or(1);
+    let dims = la.shape().dims();
+    let h = dims.last().copied().unwrap_or(1);
     if let Some(g) = gate {
-        let rows = la.shape().elem_count().checked_div(h).unwrap_or(0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         if g.len() != rows {
             bail!("{name}: {} gate logits for {rows} rows", g.len())
         }
@@ -164,12 +181,13 @@ impl CustomOp3 for GatedResidualAdd {
     }
 }
 
-/// `a + b` (same shape and dtype).
+/// `a + b` (same shape and dtype; strided operands are copied first).
 pub fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !a.device().is_cpu() {
         return a + b;
     }
-    a.apply_op2_no_bwd(b, &ResidualAdd)
+    a.contiguous()?
+        .apply_op2_no_bwd(&b.contiguous()?, &ResidualAdd)
 }
 
 /// `a + b · σ(g)` for `a`, `b` of shape `[.., H]` and one gate logit per
@@ -186,7 +204,8 @@ pub fn gated_residual_add(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<Tensor> 
         )?;
         return a + b.broadcast_mul(&g.to_dtype(b.dtype())?)?;
     }
-    a.apply_op3_no_bwd(b, g, &GatedResidualAdd)
+    a.contiguous()?
+        .apply_op3_no_bwd(&b.contiguous()?, &g.contiguous()?, &GatedResidualAdd)
 }
 
 #[cfg(test)]
@@ -237,6 +256,43 @@ mod tests {
                         "{dt:?} gated [{i}]"
                     );
                 }
+            }
+        }
+    }
+
+    /// Gates shaped `[T]` and `[B, S, 1]`, and a transposed (strided) operand.
+    #[test]
+    fn gate_shapes_and_strided_operands() {
+        let dev = Device::Cpu;
+        let (b_, s_, h) = (2usize, 3usize, 5usize);
+        let a = crate::ops::gemm_cpu::test_rand(b_ * s_ * h, 3);
+        let b = crate::ops::gemm_cpu::test_rand(b_ * s_ * h, 4);
+        let g: Vec<f32> = (0..b_ * s_).map(|r| r as f32 - 2.0).collect();
+        let ta = Tensor::from_vec(a.clone(), (b_, s_, h), &dev).unwrap();
+        let tb = Tensor::from_vec(b.clone(), (b_, s_, h), &dev).unwrap();
+        let want: Vec<f32> = (0..a.len())
+            .map(|i| a[i] + b[i] / (1.0 + (-g[i / h]).exp()))
+            .collect();
+        for tg in [
+            Tensor::from_vec(g.clone(), (b_, s_, 1), &dev).unwrap(),
+            Tensor::from_vec(g.clone(), b_ * s_, &dev).unwrap(),
+        ] {
+            let got = vals(&gated_residual_add(&ta, &tb, &tg).unwrap());
+            for (i, (x, y)) in got.iter().zip(&want).enumerate() {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "[{i}] {x} vs {y}");
+            }
+        }
+        // a transposed operand: the sum follows the logical layout
+        let tt = Tensor::from_vec(b.clone(), (h, b_ * s_), &dev)
+            .unwrap()
+            .t()
+            .unwrap();
+        let ta2 = ta.reshape((b_ * s_, h)).unwrap();
+        let got = vals(&residual_add(&ta2, &tt).unwrap());
+        for r in 0..b_ * s_ {
+            for c in 0..h {
+                let want = a[r * h + c] + b[c * b_ * s_ + r];
+                assert!((got[r * h + c] - want).abs() <= 1e-6, "[{r}, {c}]");
             }
         }
     }

@@ -53,6 +53,9 @@ pub(crate) unsafe fn kernel_12x32(
 }
 
 /// [`kernel_12x32`] over `P` panels.
+///
+/// # Safety
+/// As [`kernel_12x32`], with `P == 2` only where `ns > 16`.
 #[inline(always)]
 unsafe fn rows<const P: usize>(a: &[*const f32], c: &[*mut f32], args: Args<'_>) {
     match a.len() {
@@ -76,6 +79,9 @@ unsafe fn rows<const P: usize>(a: &[*const f32], c: &[*mut f32], args: Args<'_>)
 type Args<'a> = (usize, &'a [f32], usize, usize, usize, bool);
 
 /// [`kernel_12x32`] for `R` rows and `P` panels.
+///
+/// # Safety
+/// As [`rows`], and `a` holds at least `R` rows.
 #[inline(always)]
 unsafe fn tile<const R: usize, const P: usize>(
     a: &[*const f32],
@@ -171,4 +177,59 @@ unsafe fn time_dpbf16() -> f64 {
     let e = t.elapsed().as_secs_f64();
     std::hint::black_box(acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum::<f32>());
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{avx2, test_rand as rand, Tile};
+
+    /// The float packed loop on the 12 × 32 tile, taken whatever
+    /// [`super::fma_beats_dpbf16`] says on the host, against an f64
+    /// reference: N ending in a partial pair (21, 37), in a lone strip (33,
+    /// 16) and a partial one (7); K over one block and over several, with a
+    /// partial last block (the accumulate path); 12–25 rows (row groups of
+    /// 12 and fewer).
+    #[test]
+    fn wide_tile_matches_reference() {
+        if !(is_x86_feature_detected!("avx512f") && super::super::has_avx2()) {
+            eprintln!("no AVX-512F: skipped");
+            return;
+        }
+        for (n, k) in [(21, 100), (37, 600), (33, 256), (16, 300), (7, 513)] {
+            let w: Vec<f32> = rand(n * k, 7);
+            for m in [12, 13, 25] {
+                let a: Vec<f32> = rand(m * k, 9 + m as u64)
+                    .iter()
+                    .map(|x| x * 4.0 / (k as f32).sqrt())
+                    .collect();
+                let mut c = vec![f32::NAN; m * n];
+                let ap: Vec<*const f32> = (0..m).map(|r| a[r * k..].as_ptr()).collect();
+                let cp: Vec<*mut f32> = (0..m)
+                    .map(|r| unsafe { c.as_mut_ptr().add(r * n) })
+                    .collect();
+                let t = Tile {
+                    a: &ap,
+                    w: &w,
+                    k,
+                    n0: 0,
+                    n1: n,
+                    c: &cp,
+                };
+                // SAFETY: AVX2 and AVX-512F checked; rows k long, outputs n.
+                unsafe { avx2::packed(&t, true) };
+                for r in 0..m {
+                    for j in 0..n {
+                        let terms = (0..k).map(|i| a[r * k + i] as f64 * w[j * k + i] as f64);
+                        let want: f64 = terms.clone().sum();
+                        let scale: f64 = terms.map(f64::abs).sum();
+                        let g = c[r * n + j] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * scale,
+                            "m {m} n {n} k {k} row {r} col {j}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

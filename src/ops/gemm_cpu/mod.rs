@@ -10,7 +10,7 @@
 //!   weights have their own: `bf16_avx512` (`vdpbf16ps`, ≤ 3 rows) and, where
 //!   512-bit FMAs out-run it, `bf16_fma` (sweeps of ≤ 11 rows, up to 23).
 //! - *packed* (more rows): a 16-column strip of W is widened and transposed
-//!   into an L1-sized panel, then a 6×16 register-blocked FMA kernel runs over
+//!   into a 16 KiB panel, then a 6×16 register-blocked FMA kernel runs over
 //!   groups of 6 rows (the classic BLIS shape), or on AVX-512 CPUs that
 //!   issue two 512-bit FMAs per cycle a tile of up to 12 rows × 32 over
 //!   two strips' panels (`kernel_avx512`).
@@ -198,7 +198,9 @@ pub const SKINNY_MAX_ROWS: usize = 3;
 pub(crate) const PACKED_MIN_ROWS: usize = 12;
 pub(crate) const MR: usize = 6;
 pub(crate) const NR: usize = 16;
-/// K block of the packed kernel: a 16 × 256 f32 panel is 16 KiB (half an L1).
+/// K block of the packed kernel: a 16 × 256 f32 panel is 16 KiB; the
+/// 512-bit tile reads two (32 KiB, within this machine's 48 KiB L1d; not
+/// measured on 32 KiB ones).
 pub(crate) const KC: usize = 256;
 
 pub fn has_avx2() -> bool {
