@@ -10,7 +10,7 @@
 use super::gemm_cpu::quant::{qgemm_tile, QTile};
 use super::gemm_cpu::{gemm_tile, Tile, WeightElem, SKINNY_MAX_ROWS};
 use super::grouped_gemm::{f32_field, packed_bytes, quant_mats, slice};
-use super::{contiguous, for_chunks, to_f32_cow, SendPtr, PAR_MIN_ELEMS};
+use super::{contiguous, f32_to_storage, for_chunks, to_f32_cow, SendPtr};
 use crate::format::fp8::fake_quant_fp8_groups;
 use crate::format::PackedWeights;
 use candle_core::backend::BackendStorage;
@@ -274,21 +274,11 @@ impl CustomOp2 for DenseLinear {
             });
         }
         let shape = Shape::from((m, n));
-        Ok(match sx.dtype() {
-            DType::BF16 => (CpuStorage::BF16(round_out(out, bf16::from_f32)), shape),
-            DType::F16 => (CpuStorage::F16(round_out(out, f16::from_f32)), shape),
-            _ => (CpuStorage::F32(out), shape),
-        })
-    }
-}
-
-/// The f32 output rounded to the input's dtype (inline below
-/// [`PAR_MIN_ELEMS`]).
-fn round_out<T: Send>(out: Vec<f32>, f: fn(f32) -> T) -> Vec<T> {
-    if out.len() < PAR_MIN_ELEMS {
-        out.into_iter().map(f).collect()
-    } else {
-        out.into_par_iter().map(f).collect()
+        let dt = match sx.dtype() {
+            dt @ (DType::BF16 | DType::F16) => dt,
+            _ => DType::F32,
+        };
+        Ok((f32_to_storage(out, dt, "linear")?, shape))
     }
 }
 

@@ -77,6 +77,26 @@ pub(crate) fn contiguous<'a, T: WithDType>(
     }
 }
 
+/// f32 results as storage of `dt`: f32 kept, f16 / bf16 rounded once (on
+/// rayon from [`PAR_MIN_ELEMS`] elements); `what` names the op in the error
+/// for other dtypes.
+pub(crate) fn f32_to_storage(out: Vec<f32>, dt: DType, what: &str) -> Result<CpuStorage> {
+    fn round<T: Send>(out: Vec<f32>, f: fn(f32) -> T) -> Vec<T> {
+        use rayon::prelude::*;
+        if out.len() < PAR_MIN_ELEMS {
+            out.into_iter().map(f).collect()
+        } else {
+            out.into_par_iter().map(f).collect()
+        }
+    }
+    Ok(match dt {
+        DType::F32 => CpuStorage::F32(out),
+        DType::BF16 => CpuStorage::BF16(round(out, half::bf16::from_f32)),
+        DType::F16 => CpuStorage::F16(round(out, half::f16::from_f32)),
+        dt => bail!("{what}: unsupported output dtype {dt:?}"),
+    })
+}
+
 /// Reads any float storage as f32 rows (a copy only for f16/bf16).
 pub(crate) fn to_f32_cow<'a>(
     s: &'a CpuStorage,

@@ -3,21 +3,11 @@
 //! the weights were already applied).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
 
 #[derive(Clone, Debug)]
 struct WeightedSum {
     top_k: usize,
     out_dtype: DType,
-}
-
-fn store(out: Vec<f32>, dt: DType) -> Result<CpuStorage> {
-    Ok(match dt {
-        DType::F32 => CpuStorage::F32(out),
-        DType::BF16 => CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
-        DType::F16 => CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
-        dt => bail!("moe_weighted_sum: unsupported output dtype {dt:?}"),
-    })
 }
 
 impl WeightedSum {
@@ -44,7 +34,10 @@ impl WeightedSum {
                 }
             });
         }
-        Ok((store(out, self.out_dtype)?, Shape::from((t, h))))
+        Ok((
+            super::f32_to_storage(out, self.out_dtype, "moe_weighted_sum")?,
+            Shape::from((t, h)),
+        ))
     }
 }
 
