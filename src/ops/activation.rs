@@ -29,7 +29,7 @@ impl std::str::FromStr for Activation {
 
 /// exp(x) for f32 with ~1 ulp error, written so the loop around it vectorises.
 #[inline(always)]
-fn fast_exp(x: f32) -> f32 {
+pub(crate) fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.7);
     let n = (x * std::f32::consts::LOG2_E).round();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;

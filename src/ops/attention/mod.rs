@@ -9,15 +9,15 @@
 //! position `i` of the block `b`. [`PagedAttentionMeta`] is built once per
 //! forward and validated, so the kernels index the cache without checks.
 //!
-//! CPU: rayon over (token, KV head); the query heads sharing a KV head read
-//! each key and value row once. Other devices: the same math with candle ops
-//! (one sequence at a time).
+//! CPU: the kernel in `cpu.rs`. Other devices: the same math with candle
+//! ops (one sequence at a time).
+
+mod cpu;
 
 use super::contiguous;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// One sequence's part of a flat batch.
@@ -207,123 +207,6 @@ struct PagedAttention {
     scale: f32,
 }
 
-/// A cache element the kernel widens to f32.
-trait CacheElem: Copy + Send + Sync {
-    fn widen(src: &[Self], dst: &mut [f32]);
-}
-impl CacheElem for f32 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src)
-    }
-}
-impl CacheElem for bf16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32())
-    }
-}
-impl CacheElem for f16 {
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32())
-    }
-}
-
-/// `Σ a·b` with 8 independent partial sums (vectorises).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-impl PagedAttention {
-    /// `q` `[T, heads, d]` f32; returns `[T, heads, d]` f32.
-    fn run<C: CacheElem>(
-        &self,
-        q: &[f32],
-        kc: &[C],
-        vc: &[C],
-        dims: (usize, usize, usize),
-    ) -> Vec<f32> {
-        let (heads, kvh, d) = dims;
-        let m = &*self.meta.0;
-        let t = m.slots.len();
-        let rep = heads / kvh;
-        let bs = m.block_size;
-        let mut out = vec![0f32; t * heads * d];
-        // one task per (token, kv head): its `rep` query heads, contiguous in `out`
-        out.par_chunks_mut(rep * d)
-            .enumerate()
-            .for_each(|(task, o)| {
-                let (ti, g) = (task / kvh, task % kvh);
-                let seq = m.token_seq[ti] as usize;
-                let ctx = m.token_pos[ti] as usize + 1;
-                let table = &m.tables[m.table_off[seq]..m.table_off[seq + 1]];
-                let qs = &q[(ti * heads + g * rep) * d..(ti * heads + (g + 1) * rep) * d];
-                let mut mx = vec![f32::NEG_INFINITY; rep];
-                let mut den = vec![0f32; rep];
-                let mut s = vec![0f32; rep * bs];
-                let mut row = vec![0f32; d];
-                for (bi, &blk) in table.iter().enumerate() {
-                    let p0 = bi * bs;
-                    if p0 >= ctx {
-                        break;
-                    }
-                    let n = bs.min(ctx - p0);
-                    let slot0 = blk as usize * bs;
-                    for j in 0..n {
-                        let off = ((slot0 + j) * kvh + g) * d;
-                        C::widen(&kc[off..off + d], &mut row);
-                        for r in 0..rep {
-                            s[r * bs + j] = dot(&qs[r * d..(r + 1) * d], &row) * self.scale;
-                        }
-                    }
-                    for r in 0..rep {
-                        let sr = &mut s[r * bs..r * bs + n];
-                        let bmax = sr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                        let new = mx[r].max(bmax);
-                        let corr = (mx[r] - new).exp();
-                        if corr != 1.0 {
-                            den[r] *= corr;
-                            o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= corr);
-                        }
-                        mx[r] = new;
-                        for x in sr.iter_mut() {
-                            *x = (*x - new).exp();
-                            den[r] += *x;
-                        }
-                    }
-                    for j in 0..n {
-                        let off = ((slot0 + j) * kvh + g) * d;
-                        C::widen(&vc[off..off + d], &mut row);
-                        for r in 0..rep {
-                            let p = s[r * bs + j];
-                            o[r * d..(r + 1) * d]
-                                .iter_mut()
-                                .zip(&row)
-                                .for_each(|(x, v)| *x += p * v);
-                        }
-                    }
-                }
-                for r in 0..rep {
-                    let inv = 1.0 / den[r];
-                    o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
-                }
-            });
-        out
-    }
-}
-
 impl CustomOp3 for PagedAttention {
     fn name(&self) -> &'static str {
         "moe-paged-attention"
@@ -341,43 +224,50 @@ impl CustomOp3 for PagedAttention {
         let (t, heads, d) = lq.shape().dims3()?;
         let (_, kvh, _) = lk.shape().dims3()?;
         let q = super::to_f32_cow(sq, lq, "attention queries")?;
+        let m = &*self.meta.0;
+        let (dims, scale, simd) = ((heads, kvh, d), self.scale, cpu::Simd::detect());
         let out = match (sk, sv) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run(
-                &q,
-                contiguous::<f32>(sk, lk, "k cache")?,
-                contiguous::<f32>(sv, lv, "v cache")?,
-                (heads, kvh, d),
-            ),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.run(
-                &q,
-                contiguous::<bf16>(sk, lk, "k cache")?,
-                contiguous::<bf16>(sv, lv, "v cache")?,
-                (heads, kvh, d),
-            ),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => self.run(
-                &q,
-                contiguous::<f16>(sk, lk, "k cache")?,
-                contiguous::<f16>(sv, lv, "v cache")?,
-                (heads, kvh, d),
-            ),
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => cpu::Attn {
+                m,
+                q: &q,
+                kc: contiguous::<f32>(sk, lk, "k cache")?,
+                vc: contiguous::<f32>(sv, lv, "v cache")?,
+                dims,
+                scale,
+            }
+            .run(simd),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => cpu::Attn {
+                m,
+                q: &q,
+                kc: contiguous::<bf16>(sk, lk, "k cache")?,
+                vc: contiguous::<bf16>(sv, lv, "v cache")?,
+                dims,
+                scale,
+            }
+            .run(simd),
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => cpu::Attn {
+                m,
+                q: &q,
+                kc: contiguous::<f16>(sk, lk, "k cache")?,
+                vc: contiguous::<f16>(sv, lv, "v cache")?,
+                dims,
+                scale,
+            }
+            .run(simd),
             _ => bail!(
                 "paged attention: k/v cache dtypes {:?}/{:?} (expected one float dtype)",
                 sk.dtype(),
                 sv.dtype()
             ),
         };
-        let shape = Shape::from((t, heads, d));
-        Ok(match sq.dtype() {
-            DType::BF16 => (
-                CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
-                shape,
-            ),
-            DType::F16 => (
-                CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
-                shape,
-            ),
-            _ => (CpuStorage::F32(out), shape),
-        })
+        let dt = match sq.dtype() {
+            dt @ (DType::BF16 | DType::F16) => dt,
+            _ => DType::F32,
+        };
+        Ok((
+            super::f32_to_storage(out, dt, "paged attention")?,
+            Shape::from((t, heads, d)),
+        ))
     }
 }
 

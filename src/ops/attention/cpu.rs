@@ -1,0 +1,287 @@
+//! The CPU kernel of paged attention: rayon over (token, KV head); the `rep`
+//! query heads sharing a KV head read each cached key and value row once,
+//! widened to f32, with an online softmax per block. The per-task body is
+//! compiled once per instruction set (AVX-512, AVX2 + FMA, baseline) so its
+//! loops vectorise at the width the CPU has; the set is detected per call.
+
+use super::MetaInner;
+use crate::ops::activation::fast_exp;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A cache element the kernel widens to f32.
+pub(super) trait CacheElem: Copy + Send + Sync {
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+impl CacheElem for f32 {
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src)
+    }
+}
+impl CacheElem for bf16 {
+    /// A bf16 is the high half of an f32 (a shift: vectorises, NaN stays NaN).
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = f32::from_bits((s.to_bits() as u32) << 16))
+    }
+}
+impl CacheElem for f16 {
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32())
+    }
+}
+
+/// Vector widths the task body is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Simd {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Simd {
+    pub(super) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                return Simd::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Baseline
+    }
+}
+
+/// One call's operands: queries `[T, heads, d]` f32, one layer's K/V cache.
+pub(super) struct Attn<'a, C> {
+    pub(super) m: &'a MetaInner,
+    pub(super) q: &'a [f32],
+    pub(super) kc: &'a [C],
+    pub(super) vc: &'a [C],
+    /// (heads, kv heads, head dim)
+    pub(super) dims: (usize, usize, usize),
+    pub(super) scale: f32,
+}
+
+impl<C: CacheElem> Attn<'_, C> {
+    /// `[T, heads, d]` f32.
+    pub(super) fn run(&self, simd: Simd) -> Vec<f32> {
+        let (heads, kvh, d) = self.dims;
+        let rep = heads / kvh;
+        let mut out = vec![0f32; self.m.slots.len() * heads * d];
+        // one task per (token, kv head): its `rep` query heads, contiguous in `out`
+        out.par_chunks_mut(rep * d)
+            .enumerate()
+            .for_each(|(i, o)| match simd {
+                Simd::Baseline => task(self, i, o),
+                // SAFETY: `detect` found the features (tests pick only those it finds)
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx2 => unsafe { task_avx2(self, i, o) },
+                #[cfg(target_arch = "x86_64")]
+                Simd::Avx512 => unsafe { task_avx512(self, i, o) },
+            });
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
+    task(a, i, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn task_avx512<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
+    task(a, i, o)
+}
+
+/// Cached positions ahead whose keys a task prefetches.
+const AHEAD: usize = 16;
+
+/// Prefetches the `d` elements of `x` from `off` (a hint: never faults).
+#[inline(always)]
+fn prefetch_row<C>(x: &[C], off: usize, d: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = x.as_ptr().wrapping_add(off) as *const i8;
+        for b in (0..d * std::mem::size_of::<C>()).step_by(64) {
+            // SAFETY: a prefetch is a hint that never faults
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b)) }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, off, d);
+}
+
+/// `Σ a·b` with 16 independent partial sums (vectorises).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ x` with 16 independent partial sums (vectorises).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let c = x.chunks_exact(16);
+    let tail: f32 = c.remainder().iter().sum();
+    for x in c {
+        for i in 0..16 {
+            acc[i] += x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Task `i` (token `i / kvh`, KV head `i % kvh`): its query heads' outputs
+/// into `o` (`rep · d`).
+#[inline(always)]
+fn task<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
+    let (heads, kvh, d) = a.dims;
+    let (m, rep) = (a.m, heads / kvh);
+    let bs = m.block_size;
+    let (ti, g) = (i / kvh, i % kvh);
+    let seq = m.token_seq[ti] as usize;
+    let ctx = m.token_pos[ti] as usize + 1;
+    let table = &m.tables[m.table_off[seq]..m.table_off[seq + 1]];
+    let qs = &a.q[(ti * heads + g * rep) * d..(ti * heads + (g + 1) * rep) * d];
+    let mut mx = vec![f32::NEG_INFINITY; rep];
+    let mut den = vec![0f32; rep];
+    let mut s = vec![0f32; rep * bs];
+    let mut row = vec![0f32; d];
+    for (bi, &blk) in table.iter().enumerate() {
+        let p0 = bi * bs;
+        if p0 >= ctx {
+            break;
+        }
+        let n = bs.min(ctx - p0);
+        let slot0 = blk as usize * bs;
+        for j in 0..n {
+            let off = ((slot0 + j) * kvh + g) * d;
+            // rows sit a whole cache row apart (often 4 KiB, where hardware
+            // prefetchers stop): fetch the keys `AHEAD` positions on, and
+            // this position's values for the pass below
+            let pa = p0 + j + AHEAD;
+            if pa < ctx {
+                let slot = table[pa / bs] as usize * bs + pa % bs;
+                prefetch_row(a.kc, (slot * kvh + g) * d, d);
+            }
+            prefetch_row(a.vc, off, d);
+            C::widen(&a.kc[off..off + d], &mut row);
+            for r in 0..rep {
+                s[r * bs + j] = dot(&qs[r * d..(r + 1) * d], &row) * a.scale;
+            }
+        }
+        for r in 0..rep {
+            let sr = &mut s[r * bs..r * bs + n];
+            let bmax = sr.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let new = mx[r].max(bmax);
+            // exact exp here: exp(-inf) of the first block is 0
+            let corr = (mx[r] - new).exp();
+            if corr != 1.0 {
+                den[r] *= corr;
+                o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= corr);
+            }
+            mx[r] = new;
+            sr.iter_mut().for_each(|x| *x = fast_exp(*x - new));
+            den[r] += sum(sr);
+        }
+        for j in 0..n {
+            let off = ((slot0 + j) * kvh + g) * d;
+            C::widen(&a.vc[off..off + d], &mut row);
+            for r in 0..rep {
+                let p = s[r * bs + j];
+                o[r * d..(r + 1) * d]
+                    .iter_mut()
+                    .zip(&row)
+                    .for_each(|(x, v)| *x += p * v);
+            }
+        }
+    }
+    for r in 0..rep {
+        let inv = 1.0 / den[r];
+        o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{PagedAttentionMeta, SeqSpan};
+
+    /// Every instruction set this CPU has gives the baseline's result (the
+    /// integration tests check the detected one against the math).
+    #[test]
+    fn every_simd_width_matches_baseline() {
+        let (heads, kvh, d, bs) = (8, 2, 40, 4);
+        let blocks: Vec<u32> = vec![3, 0, 5, 1, 4, 2];
+        let spans = [SeqSpan {
+            start: 17,
+            len: 4,
+            blocks: &blocks,
+        }];
+        let meta = PagedAttentionMeta::new(bs, 6, &spans).unwrap();
+        let slots = 6 * bs;
+        let val = |i: usize, f: f32| (i as f32 * f).sin() * 1.5;
+        let q: Vec<f32> = (0..4 * heads * d).map(|i| val(i, 0.37)).collect();
+        let kc: Vec<bf16> = (0..slots * kvh * d)
+            .map(|i| bf16::from_f32(val(i, 0.11)))
+            .collect();
+        let vc: Vec<bf16> = (0..slots * kvh * d)
+            .map(|i| bf16::from_f32(val(i, 0.23)))
+            .collect();
+        let a = Attn {
+            m: &meta.0,
+            q: &q,
+            kc: &kc,
+            vc: &vc,
+            dims: (heads, kvh, d),
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let want = a.run(Simd::Baseline);
+        let mag = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(mag > 0.1);
+        #[allow(unused_mut)]
+        let mut widths = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                widths.push(Simd::Avx2);
+            }
+            if Simd::detect() == Simd::Avx512 {
+                widths.push(Simd::Avx512);
+            }
+        }
+        for simd in widths {
+            let got = a.run(simd);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+            assert!(err <= 1e-5 * mag, "{simd:?}: err {err} vs max {mag}");
+        }
+    }
+}
