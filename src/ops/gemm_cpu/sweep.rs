@@ -20,8 +20,40 @@ use std::arch::x86_64::*;
 /// 32 bf16, the low and high nibbles of 16 MXFP4 bytes, or the two bytes
 /// of 16-bit lanes of FP8.
 pub(crate) struct SweepRows {
-    v: Vec<__m512>,
+    v: Scratch,
     rows: usize,
+}
+
+/// A vector buffer from a per-thread pool, returned to it on drop: a
+/// decode GEMV runs one sweep per column tile (over a thousand for an
+/// `lm_head`), and allocating and zeroing its rows and sums each time
+/// showed as ~2–3 % of a decode step.
+struct Scratch(Vec<__m512>);
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<__m512>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// `len` vectors, each `fill`.
+    fn new(len: usize, fill: __m512) -> Self {
+        let mut v = POOL.with_borrow_mut(|p| p.pop()).unwrap_or_default();
+        v.clear();
+        v.resize(len, fill);
+        Scratch(v)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        // a few buffers per thread at most (rows and sums of one sweep)
+        POOL.with_borrow_mut(|p| {
+            if p.len() < 4 {
+                p.push(v)
+            }
+        });
+    }
 }
 
 impl SweepRows {
@@ -36,7 +68,8 @@ impl SweepRows {
         let i0 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
         let (groups, rows) = (k.div_ceil(32), a.len());
-        let mut v = vec![_mm512_setzero_ps(); groups * rows * 2];
+        let mut s = Scratch::new(groups * rows * 2, _mm512_setzero_ps());
+        let v = &mut s.0;
         for (m, &a) in a.iter().enumerate() {
             for g in 0..groups {
                 let c = 32 * g;
@@ -48,7 +81,7 @@ impl SweepRows {
                 v[(g * rows + m) * 2 + 1] = _mm512_permutex2var_ps(x0, i1, x1);
             }
         }
-        Self { v, rows }
+        Self { v: s, rows }
     }
 
     pub(crate) fn rows(&self) -> usize {
@@ -207,9 +240,10 @@ unsafe fn chunked<K: SweepBlock, const M: usize, const NW: usize>(
     c: &[*mut f32],
 ) {
     let groups = kern.groups();
-    debug_assert_eq!(rows.v.len(), groups * M * 2);
-    let a = rows.v.as_ptr();
-    let mut sums = vec![_mm512_setzero_ps(); (n1 - n0) * M];
+    debug_assert_eq!(rows.v.0.len(), groups * M * 2);
+    let a = rows.v.0.as_ptr();
+    let mut sums = Scratch::new((n1 - n0) * M, _mm512_setzero_ps());
+    let sums = &mut sums.0;
     let mut chunk = (CHUNK_BYTES / (M * 128)).max(1);
     if K::PAIRS {
         chunk = (chunk / 4 * 4).max(4);
