@@ -12,8 +12,10 @@
 //! FP8 dense layers). With `--json` the last stdout line is a JSON array of
 //! rows: `model`, `weights`, `prompt_tok_s`, `gen_tok_s`, `prompt_vs_candle`,
 //! `gen_vs_candle`, `bytes_per_token` (weights a decode step reads) and
-//! `bandwidth_pct` (bytes_per_token × gen_tok_s over the read bandwidth
-//! measured in the same run).
+//! `bandwidth_pct` (bytes_per_token × gen_tok_s over `read_gb_s`, the read
+//! bandwidth probed right after that row's timed runs: this machine's
+//! bandwidth drifts within a run, so each row is held to the probe nearest
+//! in time).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -26,7 +28,7 @@ use std::path::Path;
 use std::time::Instant;
 
 mod common;
-use common::{fill, read_bandwidth};
+use common::{fill, probe_buffer, read_bandwidth_of};
 
 #[derive(Parser, Debug)]
 #[command(about = "End-to-end generation speed against candle-transformers' qwen2_moe")]
@@ -182,20 +184,23 @@ fn main() -> Result<()> {
         .map(|i| (i * 7919 + 13) % vocab as u32)
         .collect();
     let ck = Checkpoint::open(&dir)?;
-    let bw = read_bandwidth();
+    let probe = probe_buffer();
     eprintln!(
-        "read bandwidth {bw:.1} GB/s, {} threads",
+        "read bandwidth {:.1} GB/s, {} threads",
+        read_bandwidth_of(&probe),
         rayon::current_num_threads()
     );
     let mut rows: Vec<serde_json::Value> = vec![];
     let row = |model: &str, weights: &str, (tp, tg): (f64, f64), bytes: usize| {
         let gen_tok_s = args.gen as f64 / tg;
+        let bw = read_bandwidth_of(&probe);
         serde_json::json!({
             "model": model,
             "weights": weights,
             "prompt_tok_s": args.prompt as f64 / tp,
             "gen_tok_s": gen_tok_s,
             "bytes_per_token": bytes,
+            "read_gb_s": bw,
             "bandwidth_pct": 100.0 * bytes as f64 * gen_tok_s / (bw * 1e9),
         })
     };
@@ -303,17 +308,25 @@ fn main() -> Result<()> {
         }
     }
     println!(
-        "{} layers, prompt {} tokens, {} generated (best of {}), read bandwidth {bw:.1} GB/s",
+        "{} layers, prompt {} tokens, {} generated (best of {}); read GB/s probed after each row",
         args.layers, args.prompt, args.gen, args.runs
     );
     println!(
-        "{:<30} {:<14} {:>10} {:>9} {:>8} {:>8} {:>9} {:>6}",
-        "model", "weights", "prompt t/s", "gen t/s", "prompt×", "gen×", "MB/token", "bw %"
+        "{:<30} {:<14} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>6}",
+        "model",
+        "weights",
+        "prompt t/s",
+        "gen t/s",
+        "prompt×",
+        "gen×",
+        "MB/token",
+        "read GB/s",
+        "bw %"
     );
     for r in &rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<30} {:<14} {:>10.1} {:>9.2} {:>8.2} {:>8.2} {:>9.0} {:>6.1}",
+            "{:<30} {:<14} {:>10.1} {:>9.2} {:>8.2} {:>8.2} {:>9.0} {:>9.1} {:>6.1}",
             r["model"].as_str().unwrap_or(""),
             r["weights"].as_str().unwrap_or(""),
             f("prompt_tok_s"),
@@ -321,6 +334,7 @@ fn main() -> Result<()> {
             f("prompt_vs_candle"),
             f("gen_vs_candle"),
             f("bytes_per_token") / 1e6,
+            f("read_gb_s"),
             f("bandwidth_pct"),
         );
     }

@@ -158,8 +158,18 @@ pub fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 /// Read bandwidth in GB/s: best of 5 multi-threaded sums over 1 GiB.
 pub fn read_bandwidth() -> f64 {
+    read_bandwidth_of(&probe_buffer())
+}
+
+/// The 1 GiB [`read_bandwidth`] reads (kept by benchmarks that probe
+/// several times).
+pub fn probe_buffer() -> Vec<f32> {
+    fill(1 << 28, 7, 1.0)
+}
+
+/// [`read_bandwidth`] over `v`.
+pub fn read_bandwidth_of(v: &[f32]) -> f64 {
     use rayon::prelude::*;
-    let v = fill(1 << 28, 7, 1.0);
     let mut best = 0f64;
     for _ in 0..5 {
         let t = std::time::Instant::now();
