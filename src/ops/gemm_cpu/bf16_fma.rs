@@ -59,7 +59,7 @@ impl SweepBlock for Bf16Block {
         sums: *mut __m512,
     ) {
         let k = self.k;
-        let mut acc = sweep::load_sums::<M, NW>(sums);
+        let mut acc = sweep::load_sums::<M, NW>(sums, g0);
         let wp: [*const bf16; NW] = std::array::from_fn(|j| self.w.add((n + j) * k));
         let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
         let widen = |x: __m512i| {

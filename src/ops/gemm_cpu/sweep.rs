@@ -35,11 +35,15 @@ thread_local! {
 }
 
 impl Scratch {
-    /// `len` vectors, each `fill`.
-    fn new(len: usize, fill: __m512) -> Self {
+    /// `len` vectors of unspecified (stale) values: callers write each
+    /// before reading it.
+    fn stale(len: usize) -> Self {
         let mut v = POOL.with_borrow_mut(|p| p.pop()).unwrap_or_default();
-        v.clear();
-        v.resize(len, fill);
+        if v.len() < len {
+            // SAFETY: an all-zero __m512 is a valid value
+            v.resize(len, unsafe { _mm512_setzero_ps() });
+        }
+        v.truncate(len);
         Scratch(v)
     }
 }
@@ -68,7 +72,8 @@ impl SweepRows {
         let i0 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let i1 = _mm512_add_epi32(i0, _mm512_set1_epi32(1));
         let (groups, rows) = (k.div_ceil(32), a.len());
-        let mut s = Scratch::new(groups * rows * 2, _mm512_setzero_ps());
+        // every vector is written below
+        let mut s = Scratch::stale(groups * rows * 2);
         let v = &mut s.0;
         for (m, &a) in a.iter().enumerate() {
             for g in 0..groups {
@@ -122,14 +127,19 @@ pub(crate) trait SweepBlock {
     );
 }
 
-/// A block's partial sums `acc[m][j]` from `sums[j * M + m]`.
+/// A block's partial sums `acc[m][j]` from `sums[j * M + m]`, or zeros
+/// for the first K chunk (`g0 == 0`: the buffer holds stale values then).
 ///
 /// # Safety
 /// `sums` holds `NW * M` vectors.
 #[inline(always)]
 pub(crate) unsafe fn load_sums<const M: usize, const NW: usize>(
     sums: *const __m512,
+    g0: usize,
 ) -> [[__m512; NW]; M] {
+    if g0 == 0 {
+        return [[_mm512_setzero_ps(); NW]; M];
+    }
     std::array::from_fn(|m| std::array::from_fn(|j| *sums.add(j * M + m)))
 }
 
@@ -242,11 +252,16 @@ unsafe fn chunked<K: SweepBlock, const M: usize, const NW: usize>(
     let groups = kern.groups();
     debug_assert_eq!(rows.v.0.len(), groups * M * 2);
     let a = rows.v.0.as_ptr();
-    let mut sums = Scratch::new((n1 - n0) * M, _mm512_setzero_ps());
+    // the first chunk's blocks start from zero (load_sums), not from these
+    let mut sums = Scratch::stale((n1 - n0) * M);
     let sums = &mut sums.0;
     let mut chunk = (CHUNK_BYTES / (M * 128)).max(1);
     if K::PAIRS {
         chunk = (chunk / 4 * 4).max(4);
+    }
+    if groups == 0 {
+        // K = 0: no chunk zeroes the sums
+        sums.iter_mut().for_each(|v| *v = _mm512_setzero_ps());
     }
     let mut g0 = 0;
     while g0 < groups {

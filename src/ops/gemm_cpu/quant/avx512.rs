@@ -72,7 +72,7 @@ impl SweepBlock for MxFma<'_> {
         sums: *mut __m512,
     ) {
         let (luts, k) = (&*MX_F32_LUTS, self.k);
-        let mut acc = sweep::load_sums::<M, NW>(sums);
+        let mut acc = sweep::load_sums::<M, NW>(sums, g0);
         let wp: [*const u8; NW] = std::array::from_fn(|j| self.q.as_ptr().add((n + j) * k / 2));
         let sp: [*const u8; NW] =
             std::array::from_fn(|j| self.scales.as_ptr().add((n + j) * k / MX_GROUP));
@@ -304,7 +304,7 @@ impl SweepBlock for Fp8Fma<'_> {
     ) {
         let k = self.k;
         let kb = k.div_ceil(self.bk);
-        let mut acc = sweep::load_sums::<M, NW>(sums);
+        let mut acc = sweep::load_sums::<M, NW>(sums, g0);
         let wp: [*const u8; NW] = std::array::from_fn(|j| self.q.as_ptr().add((n + j) * k));
         let sp: [*const f32; NW] =
             std::array::from_fn(|j| self.scales.as_ptr().add(((n + j) / self.bn) * kb));
