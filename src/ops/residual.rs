@@ -40,7 +40,7 @@ impl Val for bf16 {
     }
     #[inline(always)]
     fn put(v: f32) -> Self {
-        bf16::from_f32(v)
+        super::bf16_from_f32(v)
     }
 }
 
