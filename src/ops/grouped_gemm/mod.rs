@@ -172,9 +172,12 @@ impl GroupedGemm {
         let mut items = Vec::new();
         for (si, seg) in segs.iter().enumerate() {
             let m = seg.rows.len();
-            // skinny tiles stream ~256 KiB of weights each: long enough to hide
-            // the scheduling cost, short enough to balance the threads
-            let skinny_nb = ((256 << 10) / row_bytes.max(1)).clamp(16, 256);
+            // skinny tiles stream ~256 KiB of weights each per activation row
+            // (up to 4): long enough to hide the scheduling cost and the
+            // sweep's preparation of its rows, short enough to balance the
+            // threads
+            let per_tile = (256 << 10) * m.clamp(1, 4);
+            let skinny_nb = (per_tile / row_bytes.max(1)).clamp(16, 1024);
             let (nb, mb) = if m <= SKINNY_MAX_ROWS {
                 (skinny_nb, m)
             } else {
