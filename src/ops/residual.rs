@@ -36,7 +36,7 @@ impl Val for f32 {
 impl Val for bf16 {
     #[inline(always)]
     fn get(self) -> f32 {
-        self.to_f32()
+        super::bf16_to_f32(self)
     }
     #[inline(always)]
     fn put(v: f32) -> Self {

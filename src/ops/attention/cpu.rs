@@ -20,12 +20,11 @@ impl CacheElem for f32 {
     }
 }
 impl CacheElem for bf16 {
-    /// A bf16 is the high half of an f32 (a shift: vectorises, NaN stays NaN).
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         dst.iter_mut()
             .zip(src)
-            .for_each(|(d, s)| *d = f32::from_bits((s.to_bits() as u32) << 16))
+            .for_each(|(d, &s)| *d = crate::ops::bf16_to_f32(s))
     }
 }
 impl CacheElem for f16 {
