@@ -15,7 +15,7 @@
 //! `bandwidth_pct` (bytes_per_token × gen_tok_s over `read_gb_s`, the read
 //! bandwidth probed right after that row's timed runs: this machine's
 //! bandwidth drifts within a run, so each row is held to the probe nearest
-//! in time).
+//! in time; its 1 GiB buffer stays allocated through the run).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};

@@ -307,6 +307,11 @@ mod tests {
                 v * 10f32.powi(i % 7 - 3)
             })
             .collect();
+        // a group with NaN, one with an infinity, one all zero
+        let mut x = x;
+        x[3] = f32::NAN;
+        x[150] = f32::NEG_INFINITY;
+        x[256..384].iter_mut().for_each(|v| *v = 0.0);
         for group in [128, 37, 16, 5, 1000] {
             let mut want = x.clone();
             for g in want.chunks_mut(group) {

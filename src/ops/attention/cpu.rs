@@ -71,8 +71,17 @@ pub(super) struct Attn<'a, C> {
 }
 
 impl<C: CacheElem> Attn<'_, C> {
+    /// [`Self::run`] at the widest vectors this CPU has.
+    pub(super) fn attend(&self) -> Vec<f32> {
+        // SAFETY: `detect` found the features
+        unsafe { self.run(Simd::detect()) }
+    }
+
     /// `[T, heads, d]` f32.
-    pub(super) fn run(&self, simd: Simd) -> Vec<f32> {
+    ///
+    /// # Safety
+    /// The CPU has `simd`'s features: [`Simd::detect`] or less.
+    pub(super) unsafe fn run(&self, simd: Simd) -> Vec<f32> {
         let (heads, kvh, d) = self.dims;
         let rep = heads / kvh;
         let mut out = vec![0f32; self.m.slots.len() * heads * d];
@@ -81,7 +90,7 @@ impl<C: CacheElem> Attn<'_, C> {
             .enumerate()
             .for_each(|(i, o)| match simd {
                 Simd::Baseline => task(self, i, o),
-                // SAFETY: `detect` found the features (tests pick only those it finds)
+                // SAFETY: the caller guarantees the features
                 #[cfg(target_arch = "x86_64")]
                 Simd::Avx2 => unsafe { task_avx2(self, i, o) },
                 #[cfg(target_arch = "x86_64")]
@@ -98,7 +107,7 @@ unsafe fn task_avx2<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn task_avx512<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
     task(a, i, o)
 }
@@ -260,7 +269,8 @@ mod tests {
             dims: (heads, kvh, d),
             scale: 1.0 / (d as f32).sqrt(),
         };
-        let want = a.run(Simd::Baseline);
+        // SAFETY: the baseline needs no feature; the others are detected below
+        let want = unsafe { a.run(Simd::Baseline) };
         let mag = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(mag > 0.1);
         #[allow(unused_mut)]
@@ -275,7 +285,7 @@ mod tests {
             }
         }
         for simd in widths {
-            let got = a.run(simd);
+            let got = unsafe { a.run(simd) };
             let err = got
                 .iter()
                 .zip(&want)

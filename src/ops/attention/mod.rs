@@ -225,7 +225,7 @@ impl CustomOp3 for PagedAttention {
         let (_, kvh, _) = lk.shape().dims3()?;
         let q = super::to_f32_cow(sq, lq, "attention queries")?;
         let m = &*self.meta.0;
-        let (dims, scale, simd) = ((heads, kvh, d), self.scale, cpu::Simd::detect());
+        let (dims, scale) = ((heads, kvh, d), self.scale);
         let out = match (sk, sv) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => cpu::Attn {
                 m,
@@ -235,7 +235,7 @@ impl CustomOp3 for PagedAttention {
                 dims,
                 scale,
             }
-            .run(simd),
+            .attend(),
             (CpuStorage::BF16(_), CpuStorage::BF16(_)) => cpu::Attn {
                 m,
                 q: &q,
@@ -244,7 +244,7 @@ impl CustomOp3 for PagedAttention {
                 dims,
                 scale,
             }
-            .run(simd),
+            .attend(),
             (CpuStorage::F16(_), CpuStorage::F16(_)) => cpu::Attn {
                 m,
                 q: &q,
@@ -253,7 +253,7 @@ impl CustomOp3 for PagedAttention {
                 dims,
                 scale,
             }
-            .run(simd),
+            .attend(),
             _ => bail!(
                 "paged attention: k/v cache dtypes {:?}/{:?} (expected one float dtype)",
                 sk.dtype(),

@@ -40,8 +40,8 @@ impl Scratch {
     fn stale(len: usize) -> Self {
         let mut v = POOL.with_borrow_mut(|p| p.pop()).unwrap_or_default();
         if v.len() < len {
-            // SAFETY: an all-zero __m512 is a valid value
-            v.resize(len, unsafe { _mm512_setzero_ps() });
+            // SAFETY: __m512 is plain data: all zero bits are a valid value
+            v.resize(len, unsafe { std::mem::zeroed() });
         }
         v.truncate(len);
         Scratch(v)
@@ -51,8 +51,10 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.0);
-        // a few buffers per thread at most (rows and sums of one sweep)
-        POOL.with_borrow_mut(|p| {
+        // a few buffers per thread at most (rows and sums of one sweep);
+        // during the thread's teardown the buffer is simply freed
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
             if p.len() < 4 {
                 p.push(v)
             }
@@ -105,7 +107,9 @@ pub(crate) fn sweep_rows(n: usize) -> usize {
 
 /// A decode kernel over [`SweepRows`]: `block` adds groups `g0..g1` of
 /// weight rows `n..n + NW` times the `M` rows at `a` (as [`SweepRows`]
-/// lays them out) into the partial sums `sums[j * M + m]`.
+/// lays them out) into the partial sums `sums[j * M + m]`, and stores them
+/// back. The first K chunk (`g0 == 0`) starts from zero, not from `sums`
+/// (stale then): implementations read them through [`load_sums`].
 pub(crate) trait SweepBlock {
     /// Whether `block` widens two groups at a time (four vectors per
     /// weight row live at once): register blocks then take fewer weight

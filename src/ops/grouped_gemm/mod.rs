@@ -173,10 +173,10 @@ impl GroupedGemm {
         for (si, seg) in segs.iter().enumerate() {
             let m = seg.rows.len();
             // skinny tiles stream ~256 KiB of weights each per activation row
-            // (up to 4): long enough to hide the scheduling cost and the
-            // sweep's preparation of its rows, short enough to balance the
-            // threads
-            let per_tile = (256 << 10) * m.clamp(1, 4);
+            // (1–3 rows here): long enough to hide the scheduling cost and
+            // the sweep's preparation of its rows, short enough to balance
+            // the threads
+            let per_tile = (256 << 10) * m.max(1);
             let skinny_nb = (per_tile / row_bytes.max(1)).clamp(16, 1024);
             let (nb, mb) = if m <= SKINNY_MAX_ROWS {
                 (skinny_nb, m)
