@@ -51,6 +51,7 @@ impl WeightedSum {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::cuda::{elementwise, i32_arg, launch, zeros, F32Operand};
         use candle_core::CudaStorage;
+        use half::{bf16, f16};
         let (rows, h) = l.shape().dims2()?;
         let k = self.top_k;
         if k == 0 || rows % k != 0 {
