@@ -21,6 +21,11 @@ use crate::format::{PackedMat, PackedWeights, WeightFormat};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
+
+/// Segments under this many rows run the decode sweeps on AVX-512 (the
+/// packed kernels take over from 24 rows: `bf16_fma::PACKED_MIN_ROWS`,
+/// `Isa::packed_min_rows`).
+const SWEEP_MAX_ROWS: usize = 24;
 use rayon::prelude::*;
 
 /// Options of one grouped GEMM.
@@ -180,6 +185,10 @@ impl GroupedGemm {
             let skinny_nb = (per_tile / row_bytes.max(1)).clamp(16, 1024);
             let (nb, mb) = if m <= SKINNY_MAX_ROWS {
                 (skinny_nb, m)
+            } else if m < SWEEP_MAX_ROWS {
+                // a decode sweep prepares its rows once per tile: 1 MiB of
+                // weights per tile, not 128 columns
+                (((1 << 20) / row_bytes.max(1)).clamp(128, 1024), m)
             } else {
                 (128, 96)
             };
