@@ -307,4 +307,11 @@ fn bad_layouts_are_errors() {
     assert!(paged_attention(&q, &kc, &kc, &meta, 1.0).is_err());
     let k = Tensor::zeros((2, 2, 8), DType::BF16, &dev).unwrap();
     assert!(write_kv(&kc, &kc.clone(), &k, &k, &meta).is_err());
+    // a head_dim of 0 is empty output, not a panic
+    let (q0, kc0) = (
+        Tensor::zeros((2, 4, 0), DType::F32, &dev).unwrap(),
+        Tensor::zeros((16, 2, 0), DType::F32, &dev).unwrap(),
+    );
+    let o = paged_attention(&q0, &kc0, &kc0, &meta, 1.0).unwrap();
+    assert_eq!(o.dims(), [2, 4, 0]);
 }

@@ -303,8 +303,9 @@ pub fn paged_attention(
             meta.0.num_slots
         )
     }
-    if t == 0 {
-        return Tensor::zeros((0, heads, d), q.dtype(), q.device());
+    if t == 0 || d == 0 {
+        // nothing to attend with (the CPU kernel splits its output by head_dim)
+        return Tensor::zeros((t, heads, d), q.dtype(), q.device());
     }
     let op = PagedAttention {
         meta: meta.clone(),
