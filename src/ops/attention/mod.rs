@@ -207,6 +207,29 @@ struct PagedAttention {
     scale: f32,
 }
 
+/// One cache's storage and layout.
+type CacheRef<'a> = (&'a CpuStorage, &'a Layout);
+
+impl PagedAttention {
+    /// The CPU kernel over a K/V cache of element type `C`.
+    fn attend<C: cpu::CacheElem + candle_core::WithDType>(
+        &self,
+        q: &[f32],
+        ((sk, lk), (sv, lv)): (CacheRef<'_>, CacheRef<'_>),
+        dims: (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        Ok(cpu::Attn {
+            m: &self.meta.0,
+            q,
+            kc: contiguous::<C>(sk, lk, "k cache")?,
+            vc: contiguous::<C>(sv, lv, "v cache")?,
+            dims,
+            scale: self.scale,
+        }
+        .attend())
+    }
+}
+
 impl CustomOp3 for PagedAttention {
     fn name(&self) -> &'static str {
         "moe-paged-attention"
@@ -224,36 +247,12 @@ impl CustomOp3 for PagedAttention {
         let (t, heads, d) = lq.shape().dims3()?;
         let (_, kvh, _) = lk.shape().dims3()?;
         let q = super::to_f32_cow(sq, lq, "attention queries")?;
-        let m = &*self.meta.0;
-        let (dims, scale) = ((heads, kvh, d), self.scale);
+        let kv = ((sk, lk), (sv, lv));
+        let dims = (heads, kvh, d);
         let out = match (sk, sv) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => cpu::Attn {
-                m,
-                q: &q,
-                kc: contiguous::<f32>(sk, lk, "k cache")?,
-                vc: contiguous::<f32>(sv, lv, "v cache")?,
-                dims,
-                scale,
-            }
-            .attend(),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => cpu::Attn {
-                m,
-                q: &q,
-                kc: contiguous::<bf16>(sk, lk, "k cache")?,
-                vc: contiguous::<bf16>(sv, lv, "v cache")?,
-                dims,
-                scale,
-            }
-            .attend(),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => cpu::Attn {
-                m,
-                q: &q,
-                kc: contiguous::<f16>(sk, lk, "k cache")?,
-                vc: contiguous::<f16>(sv, lv, "v cache")?,
-                dims,
-                scale,
-            }
-            .attend(),
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.attend::<f32>(&q, kv, dims)?,
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.attend::<bf16>(&q, kv, dims)?,
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => self.attend::<f16>(&q, kv, dims)?,
             _ => bail!(
                 "paged attention: k/v cache dtypes {:?}/{:?} (expected one float dtype)",
                 sk.dtype(),
