@@ -39,6 +39,7 @@
 //! # }
 //! ```
 
+pub mod cpu_features;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod dist;
@@ -53,6 +54,7 @@ pub mod ops;
 pub mod quant;
 pub mod router;
 
+pub use cpu_features::{cpu_features, CpuFeatures};
 pub use error::{MoeError, Result};
 pub use expert_map::{EpConfig, ExpertMapManager, PlacementStrategy};
 pub use huge_pages::HugePageAlloc;

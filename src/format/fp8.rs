@@ -224,7 +224,7 @@ pub fn act_group_scale(amax: f32) -> f32 {
 /// `s = max(amax, 1e-10) / 448`, `x ← e4m3(x / s) · s`.
 pub fn fake_quant_fp8_groups(x: &mut [f32], group: usize) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
+    if crate::cpu_features().avx512 {
         // SAFETY: the feature was detected at run time
         return unsafe { fake_quant_avx512(x, group) };
     }

@@ -60,7 +60,7 @@ fn act_row(act: Activation, gate: &[f32], up: &[f32], out: &mut [f32]) {
     match act {
         Activation::Silu => {
             #[cfg(target_arch = "x86_64")]
-            if super::gemm_cpu::has_avx2() {
+            if crate::cpu_features().avx2 {
                 // SAFETY: the features were detected at run time.
                 return unsafe { silu_mul_row_avx2(gate, up, out) };
             }

@@ -134,7 +134,7 @@ fn widen_bf16(x: &[half::bf16], d: &mut [f32]) {
         body(x, d)
     }
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+    if crate::cpu_features().avx512 {
         // SAFETY: the features were detected at run time
         return unsafe { avx512(x, d) };
     }
@@ -155,7 +155,7 @@ fn round_bf16(x: &[f32], d: &mut [half::bf16]) {
         body(x, d)
     }
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+    if crate::cpu_features().avx512 {
         // SAFETY: the features were detected at run time
         return unsafe { avx512(x, d) };
     }

@@ -48,10 +48,11 @@ impl Simd {
     pub(super) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            let f = crate::cpu_features();
+            if f.avx512 {
                 return Simd::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if f.avx2 {
                 return Simd::Avx2;
             }
         }
@@ -277,10 +278,12 @@ mod tests {
         let mut widths = vec![];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // every width the hardware runs, whatever CANDLE_MOE_ISA caps
+            let hw = crate::CpuFeatures::hardware();
+            if hw.avx2 {
                 widths.push(Simd::Avx2);
             }
-            if Simd::detect() == Simd::Avx512 {
+            if hw.avx512 {
                 widths.push(Simd::Avx512);
             }
         }

@@ -11,13 +11,7 @@ use std::arch::x86_64::*;
 
 /// Whether the CPU runs these kernels (checked once).
 pub(crate) fn available() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512bf16")
-    })
+    crate::cpu_features().avx512bf16
 }
 
 /// One activation row as bf16 (high, residual) pairs, 32 per zmm; the tail

@@ -20,13 +20,7 @@ pub(crate) const PACKED_MIN_ROWS: usize = 24;
 /// Whether the CPU runs this kernel and it is the one to use: AVX-512 F/BW
 /// where 512-bit FMAs out-run `vdpbf16ps` (checked once).
 pub(crate) fn available() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && super::kernel_avx512::fma_beats_dpbf16()
-    })
+    crate::cpu_features().avx512 && super::kernel_avx512::fma_beats_dpbf16()
 }
 
 /// Whether a tile of `rows` rows takes this kernel.
@@ -138,7 +132,7 @@ mod tests {
     /// block, inputs scaled so sums are O(1).
     #[test]
     fn matches_reference() {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+        if !crate::CpuFeatures::hardware().avx512 {
             eprintln!("no AVX-512 F/BW: skipped");
             return;
         }

@@ -161,7 +161,7 @@ pub(crate) unsafe fn gemm<W: WeightElem>(t: &Tile<'_, W>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{has_avx2, test_rand as rand, Tile, WeightElem};
+    use super::super::{test_rand as rand, Tile, WeightElem};
     use half::{bf16, f16};
 
     /// Every row count the kernel takes (1 to 11: one chunk, several, and a
@@ -208,7 +208,7 @@ mod tests {
 
     #[test]
     fn matches_reference_for_every_weight_type() {
-        if !has_avx2() {
+        if !crate::CpuFeatures::hardware().avx2 {
             eprintln!("no AVX2: skipped");
             return;
         }

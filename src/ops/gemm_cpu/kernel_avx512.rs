@@ -118,16 +118,18 @@ unsafe fn tile<const R: usize, const P: usize>(
 }
 
 /// Whether the packed kernels should multiply in 512-bit f32 FMAs rather
-/// than `vdpbf16ps`: AVX-512F without BF16, or BF16 that runs fewer
+/// than `vdpbf16ps`: AVX-512 without BF16, or BF16 that runs fewer
 /// products per second than the FMAs (timed once, a fraction of a
-/// millisecond: twelve independent chains of each, best of three).
+/// millisecond: twelve independent chains of each, best of three; not
+/// under `CANDLE_MOE_ISA=avx512-bf16`, which prefers `vdpbf16ps`).
 pub(crate) fn fma_beats_dpbf16() -> bool {
     static FMA: OnceLock<bool> = OnceLock::new();
     *FMA.get_or_init(|| {
-        if !is_x86_feature_detected!("avx512f") {
+        let f = crate::cpu_features();
+        if !f.avx512 || f.prefer_dpbf16 {
             return false;
         }
-        if !super::bf16_avx512::available() {
+        if !f.avx512bf16 {
             return true;
         }
         // SAFETY: the features were just checked.
@@ -191,7 +193,7 @@ mod tests {
     /// 12 and fewer).
     #[test]
     fn wide_tile_matches_reference() {
-        if !(is_x86_feature_detected!("avx512f") && super::super::has_avx2()) {
+        if !crate::CpuFeatures::hardware().avx512 {
             eprintln!("no AVX-512F: skipped");
             return;
         }

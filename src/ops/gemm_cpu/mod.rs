@@ -203,23 +203,6 @@ pub(crate) const NR: usize = 16;
 /// measured on 32 KiB ones).
 pub(crate) const KC: usize = 256;
 
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Row groups `(start, len)` of at most `mr` rows each, as even as the
 /// count allows (64 rows in tiles of 12: 11, 11, 11, 11, 10, 10; padding
 /// them to 72 rows would cost 12 % more FMAs).
@@ -254,7 +237,10 @@ pub unsafe fn gemm_tile<W: WeightElem>(t: &Tile<'_, W>) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && t.a.len() >= PACKED_MIN_ROWS && kernel_avx512::fma_beats_dpbf16() {
+    if crate::cpu_features().avx2
+        && t.a.len() >= PACKED_MIN_ROWS
+        && kernel_avx512::fma_beats_dpbf16()
+    {
         return avx2::packed(t, true);
     }
     gemm_tile_avx2(t)
@@ -267,7 +253,7 @@ pub unsafe fn gemm_tile<W: WeightElem>(t: &Tile<'_, W>) {
 /// As [`gemm_tile`].
 pub(crate) unsafe fn gemm_tile_avx2<W: WeightElem>(t: &Tile<'_, W>) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if crate::cpu_features().avx2 {
         if t.a.len() < PACKED_MIN_ROWS {
             return gemv_avx2::gemm(t);
         }

@@ -17,7 +17,7 @@
 #[cfg(target_arch = "x86_64")]
 mod skinny;
 
-use super::{has_avx2, KC, MR, NR};
+use super::{KC, MR, NR};
 use crate::format::mxfp4::{e2m1_to_f32, MX_GROUP};
 use crate::format::PackedMat;
 use std::sync::LazyLock;
@@ -99,13 +99,10 @@ impl Isa {
             use std::sync::OnceLock;
             static ISA: OnceLock<Isa> = OnceLock::new();
             *ISA.get_or_init(|| {
-                if !has_avx2() {
+                let f = crate::cpu_features();
+                if !f.avx2 {
                     Isa::Portable
-                } else if is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512bf16")
-                {
+                } else if f.avx512bf16 {
                     if super::kernel_avx512::fma_beats_dpbf16() {
                         Isa::Avx512Fma
                     } else {
