@@ -81,22 +81,44 @@ pub(crate) fn contiguous<'a, T: WithDType>(
 /// rayon from [`PAR_MIN_ELEMS`] elements); `what` names the op in the error
 /// for other dtypes.
 pub(crate) fn f32_to_storage(out: Vec<f32>, dt: DType, what: &str) -> Result<CpuStorage> {
-    fn round<T: Copy + Default + Send>(out: &[f32], f: fn(&[f32], &mut [T])) -> Vec<T> {
-        const CHUNK: usize = 4096;
-        let mut v = vec![T::default(); out.len()];
-        for_chunks(&mut v, CHUNK, |i, c| f(&out[i * CHUNK..], c));
-        v
-    }
     Ok(match dt {
         DType::F32 => CpuStorage::F32(out),
-        DType::BF16 => CpuStorage::BF16(round(&out, round_bf16)),
-        DType::F16 => CpuStorage::F16(round(&out, |x, d| {
-            d.iter_mut()
-                .zip(x)
-                .for_each(|(d, &x)| *d = half::f16::from_f32(x))
-        })),
+        DType::BF16 => CpuStorage::BF16(convert(&out, bf16_from_f32)),
+        DType::F16 => CpuStorage::F16(convert(&out, half::f16::from_f32)),
         dt => bail!("{what}: unsupported output dtype {dt:?}"),
     })
+}
+
+/// `f` over every element (on rayon from [`PAR_MIN_ELEMS`]), compiled for
+/// AVX-512 where the CPU has it so bit-operation conversions such as
+/// [`bf16_from_f32`] run 16 lanes wide.
+fn convert<S: Copy + Sync, D: Copy + Default + Send>(
+    x: &[S],
+    f: impl Fn(S) -> D + Copy + Sync,
+) -> Vec<D> {
+    #[inline(always)]
+    fn body<S: Copy, D>(x: &[S], d: &mut [D], f: impl Fn(S) -> D) {
+        d.iter_mut().zip(x).for_each(|(d, &x)| *d = f(x))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn avx512<S: Copy, D>(x: &[S], d: &mut [D], f: impl Fn(S) -> D) {
+        body(x, d, f)
+    }
+    const CHUNK: usize = 4096;
+    let mut v = vec![D::default(); x.len()];
+    #[cfg(target_arch = "x86_64")]
+    let wide = crate::cpu_features().avx512;
+    for_chunks(&mut v, CHUNK, |i, d| {
+        let x = &x[i * CHUNK..];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: the features were detected at run time
+            return unsafe { avx512(x, d, f) };
+        }
+        body(x, d, f)
+    });
+    v
 }
 
 /// `half::bf16::from_f32` (nearest even; a NaN stays NaN, made quiet) in
@@ -122,46 +144,6 @@ pub(crate) fn bf16_to_f32(x: half::bf16) -> f32 {
     f32::from_bits(b << 16)
 }
 
-/// `d[i] = f32(x[i])` for `d.len()` values, at the widest vectors the CPU has.
-fn widen_bf16(x: &[half::bf16], d: &mut [f32]) {
-    #[inline(always)]
-    fn body(x: &[half::bf16], d: &mut [f32]) {
-        d.iter_mut().zip(x).for_each(|(d, &x)| *d = bf16_to_f32(x))
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn avx512(x: &[half::bf16], d: &mut [f32]) {
-        body(x, d)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu_features().avx512 {
-        // SAFETY: the features were detected at run time
-        return unsafe { avx512(x, d) };
-    }
-    body(x, d)
-}
-
-/// `d[i] = bf16(x[i])` for `d.len()` values, at the widest vectors the CPU has.
-fn round_bf16(x: &[f32], d: &mut [half::bf16]) {
-    #[inline(always)]
-    fn body(x: &[f32], d: &mut [half::bf16]) {
-        d.iter_mut()
-            .zip(x)
-            .for_each(|(d, &x)| *d = bf16_from_f32(x))
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn avx512(x: &[f32], d: &mut [half::bf16]) {
-        body(x, d)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu_features().avx512 {
-        // SAFETY: the features were detected at run time
-        return unsafe { avx512(x, d) };
-    }
-    body(x, d)
-}
-
 /// Reads any float storage as f32 rows (a copy only for f16/bf16).
 pub(crate) fn to_f32_cow<'a>(
     s: &'a CpuStorage,
@@ -171,19 +153,8 @@ pub(crate) fn to_f32_cow<'a>(
     use std::borrow::Cow;
     Ok(match s.dtype() {
         DType::F32 => Cow::Borrowed(contiguous::<f32>(s, l, what)?),
-        DType::BF16 => {
-            let x = contiguous::<half::bf16>(s, l, what)?;
-            let mut v = vec![0f32; x.len()];
-            const CHUNK: usize = 4096;
-            for_chunks(&mut v, CHUNK, |i, d| widen_bf16(&x[i * CHUNK..], d));
-            Cow::Owned(v)
-        }
-        DType::F16 => Cow::Owned(
-            contiguous::<half::f16>(s, l, what)?
-                .iter()
-                .map(|v| v.to_f32())
-                .collect(),
-        ),
+        DType::BF16 => Cow::Owned(convert(contiguous(s, l, what)?, bf16_to_f32)),
+        DType::F16 => Cow::Owned(convert(contiguous(s, l, what)?, half::f16::to_f32)),
         dt => bail!("{what}: unsupported dtype {dt:?}, expected f32, bf16 or f16"),
     })
 }
