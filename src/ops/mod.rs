@@ -159,6 +159,20 @@ pub(crate) fn to_f32_cow<'a>(
     })
 }
 
+/// Prefetches the cache line at `p` into L1 (a hint: never dereferenced, so
+/// addresses past a buffer are fine; nothing off x86_64).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A raw pointer that rayon tasks may share because each writes disjoint rows.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);

@@ -119,17 +119,10 @@ const AHEAD: usize = 16;
 /// Prefetches the `d` elements of `x` from `off` (a hint: never faults).
 #[inline(always)]
 fn prefetch_row<C>(x: &[C], off: usize, d: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = x.as_ptr().wrapping_add(off) as *const i8;
-        for b in (0..d * std::mem::size_of::<C>()).step_by(64) {
-            // SAFETY: a prefetch is a hint that never faults
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b)) }
-        }
+    let p = x.as_ptr().wrapping_add(off) as *const u8;
+    for b in (0..d * std::mem::size_of::<C>()).step_by(64) {
+        crate::ops::prefetch(p.wrapping_add(b))
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (x, off, d);
 }
 
 /// `Σ a·b` with 16 independent partial sums (vectorises).

@@ -13,10 +13,10 @@
 //! full speed on Zen 3 (a plain multiply does not, so none is used on them).
 
 use super::super::avx2::{hsum, transpose8};
-use super::skinny::prefetch;
 use super::{QTile, MX_GROUP, MX_HALF_SCALE};
 use crate::format::fp8::E4M3_LUT;
 use crate::format::PackedMat;
+use crate::ops::prefetch;
 use std::arch::x86_64::*;
 
 /// The kernels read one weight row after another (one stream per thread:

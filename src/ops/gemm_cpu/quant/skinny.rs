@@ -1,11 +1,12 @@
 //! The structure of the AVX-512 decode kernels — walking a tile's weight
 //! rows in register blocks, the FP8 block-scaled dot product over a vector
-//! type ([`Lanes`]) — and the prefetch the AVX2 ones share. The bodies are
+//! type ([`Lanes`]). The bodies are
 //! `inline(always)` so they compile inside the ISA's `target_feature`
 //! wrappers, with its intrinsics inlined.
 
 use super::QTile;
 use crate::format::fp8::E4M3_LUT;
+use crate::ops::prefetch;
 
 /// One SIMD vector of f32 lanes and the operations the kernels need.
 pub(super) trait Lanes: Copy {
@@ -82,18 +83,6 @@ pub(super) unsafe fn fp8_block<V: Lanes, const M: usize, const NW: usize>(
         for j in 0..NW {
             out[m][j] = acc[m][j].sum() + tail[m][j];
         }
-    }
-}
-
-/// Prefetches the line at `p` (never dereferenced: addresses past the
-/// matrix are fine).
-#[inline(always)]
-pub(super) fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint that never faults.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
     }
 }
 
