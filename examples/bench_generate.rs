@@ -45,6 +45,12 @@ struct Args {
     /// Timed runs per model (the best counts).
     #[arg(long, default_value_t = 2)]
     runs: usize,
+    /// Rounds of the whole set (the baseline, then every variant), each
+    /// loading its models afresh; rows report each figure's median over the
+    /// rounds, and each ratio's median over per-round ratios (the baseline
+    /// measured minutes before a variant drifts on a noisy machine).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Our variants, comma-separated: f32, bf16, fp8-experts, mxfp4-experts, fp8, mxfp4-fp8.
     #[arg(
         long,
@@ -169,6 +175,158 @@ fn time_runs(
     Ok(best)
 }
 
+/// candle-transformers' `qwen2_moe` in f32 on the checkpoint: best (prompt,
+/// generation) seconds and the weight bytes a decode step reads.
+fn candle_run(args: &Args, dir: &Path, prompt: &[u32]) -> Result<((f64, f64), usize)> {
+    let (h, heads, inter, moe_i, shared, e, k, vocab) = DIMS;
+    let dev = Device::Cpu;
+    let cfg = qwen2_moe::Config {
+        vocab_size: vocab,
+        hidden_size: h,
+        intermediate_size: inter,
+        num_hidden_layers: args.layers,
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        max_position_embeddings: 8192,
+        sliding_window: 8192,
+        max_window_layers: 28,
+        tie_word_embeddings: false,
+        rope_theta: 1e6,
+        rms_norm_eps: 1e-6,
+        use_sliding_window: false,
+        hidden_act: candle_nn::Activation::Silu,
+        decoder_sparse_step: 1,
+        moe_intermediate_size: moe_i,
+        shared_expert_intermediate_size: shared,
+        num_experts_per_tok: k,
+        num_experts: e,
+        norm_topk_prob: false,
+    };
+    // SAFETY: the file is ours and not modified while mapped
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &dev,
+        )?
+    };
+    let m = std::cell::RefCell::new(qwen2_moe::Model::new(&cfg, vb)?);
+    let x = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+    let argmax = |l: Tensor| -> Result<u32> {
+        Ok(l.flatten_all()?
+            .to_dtype(DType::F32)?
+            .argmax(0)?
+            .to_scalar::<u32>()?)
+    };
+    let best = time_runs(
+        args.runs,
+        args.gen,
+        &mut || {
+            m.borrow_mut().clear_kv_cache();
+            Ok(())
+        },
+        &mut |s| match s {
+            None => argmax(m.borrow_mut().forward(&x, 0)?),
+            Some((t, i)) => argmax(
+                m.borrow_mut()
+                    .forward(&Tensor::new(&[[t]], &dev)?, args.prompt + i)?,
+            ),
+        },
+    )?;
+    // f32 weights: attention, shared experts, routers, lm_head, and the
+    // top-k of the experts
+    let per_layer = 4 * h * h + 3 * h * shared + h + e * h + k * 3 * moe_i * h;
+    let bytes = 4 * (args.layers * per_layer + vocab * h);
+    Ok((best, bytes))
+}
+
+/// One of our variants on the checkpoint, as [`candle_run`].
+fn ours_run(
+    args: &Args,
+    ck: &Checkpoint,
+    name: &str,
+    prompt: &[u32],
+) -> Result<((f64, f64), usize)> {
+    let dev = Device::Cpu;
+    let (dt, edt, q, qd) = variant(name)?;
+    let opts = LoadOptions {
+        expert_dtype: edt,
+        quant: q.map(QuantScheme::on_load).transpose()?,
+        quant_dense: qd.map(QuantScheme::on_load).transpose()?,
+        ..Default::default()
+    };
+    let m = QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dt, &dev)?, &opts)?;
+    let s = std::cell::RefCell::new(Session::new(&m, 1, args.prompt + args.gen + 1)?);
+    let best = time_runs(
+        args.runs,
+        args.gen,
+        &mut || {
+            s.borrow_mut().reset();
+            Ok(())
+        },
+        &mut |x| {
+            let l = match x {
+                None => s.borrow_mut().step(&[prompt], Logits::Last)?,
+                Some((t, _)) => s.borrow_mut().step(&[&[t]], Logits::Last)?,
+            };
+            Ok(l.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
+        },
+    )?;
+    Ok((best, m.decode_bytes_per_token()))
+}
+
+/// Each row's speed over the baseline's row of the same round.
+fn add_ratios(rows: &mut [serde_json::Value]) {
+    let base = rows
+        .iter()
+        .find(|r| r["model"] == "candle-transformers qwen2_moe")
+        .map(|r| (r["prompt_tok_s"].as_f64(), r["gen_tok_s"].as_f64()));
+    if let Some((Some(bp), Some(bg))) = base {
+        for r in rows.iter_mut() {
+            let (p, g) = (r["prompt_tok_s"].as_f64(), r["gen_tok_s"].as_f64());
+            if let (Some(p), Some(g)) = (p, g) {
+                r["prompt_vs_candle"] = serde_json::json!(p / bp);
+                r["gen_vs_candle"] = serde_json::json!(g / bg);
+            }
+        }
+    }
+}
+
+/// The rounds' rows (same order in each) as one row per model: every
+/// figure the median over the rounds, with `rounds` the count.
+fn medians(rounds: &[Vec<serde_json::Value>]) -> Vec<serde_json::Value> {
+    let Some(first) = rounds.first() else {
+        return vec![];
+    };
+    let keys = [
+        "prompt_tok_s",
+        "gen_tok_s",
+        "read_gb_s",
+        "bandwidth_pct",
+        "prompt_vs_candle",
+        "gen_vs_candle",
+    ];
+    let mut out = first.clone();
+    for (i, row) in out.iter_mut().enumerate() {
+        for key in keys {
+            let mut v: Vec<f64> = rounds.iter().filter_map(|r| r[i][key].as_f64()).collect();
+            if v.is_empty() {
+                continue;
+            }
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            let m = if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            };
+            row[key] = serde_json::json!(m);
+        }
+        row["rounds"] = serde_json::json!(rounds.len());
+    }
+    out
+}
+
 /// Weights on transparent huge pages: decode streams them ~20 % faster here
 /// (candle_moe::huge_pages).
 #[global_allocator]
@@ -176,10 +334,9 @@ static ALLOC: candle_moe::HugePageAlloc = candle_moe::HugePageAlloc;
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let (h, heads, inter, moe_i, shared, e, k, vocab) = DIMS;
+    let vocab = DIMS.7;
     let dir = std::env::temp_dir().join(format!("candle-moe-bench-qwen15-{}l", args.layers));
     write_checkpoint(&dir, args.layers)?;
-    let dev = Device::Cpu;
     let prompt: Vec<u32> = (0..args.prompt as u32)
         .map(|i| (i * 7919 + 13) % vocab as u32)
         .collect();
@@ -190,7 +347,6 @@ fn main() -> Result<()> {
         read_bandwidth_of(&probe),
         rayon::current_num_threads()
     );
-    let mut rows: Vec<serde_json::Value> = vec![];
     let row = |model: &str, weights: &str, (tp, tg): (f64, f64), bytes: usize| {
         let gen_tok_s = args.gen as f64 / tg;
         let bw = read_bandwidth_of(&probe);
@@ -205,111 +361,27 @@ fn main() -> Result<()> {
         })
     };
 
-    if !args.no_candle {
-        let cfg = qwen2_moe::Config {
-            vocab_size: vocab,
-            hidden_size: h,
-            intermediate_size: inter,
-            num_hidden_layers: args.layers,
-            num_attention_heads: heads,
-            num_key_value_heads: heads,
-            max_position_embeddings: 8192,
-            sliding_window: 8192,
-            max_window_layers: 28,
-            tie_word_embeddings: false,
-            rope_theta: 1e6,
-            rms_norm_eps: 1e-6,
-            use_sliding_window: false,
-            hidden_act: candle_nn::Activation::Silu,
-            decoder_sparse_step: 1,
-            moe_intermediate_size: moe_i,
-            shared_expert_intermediate_size: shared,
-            num_experts_per_tok: k,
-            num_experts: e,
-            norm_topk_prob: false,
-        };
-        // SAFETY: the file is ours and not modified while mapped
-        let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(
-                &[dir.join("model.safetensors")],
-                DType::F32,
-                &dev,
-            )?
-        };
-        let m = std::cell::RefCell::new(qwen2_moe::Model::new(&cfg, vb)?);
-        let x = Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?;
-        let argmax = |l: Tensor| -> Result<u32> {
-            Ok(l.flatten_all()?
-                .to_dtype(DType::F32)?
-                .argmax(0)?
-                .to_scalar::<u32>()?)
-        };
-        let best = time_runs(
-            args.runs,
-            args.gen,
-            &mut || {
-                m.borrow_mut().clear_kv_cache();
-                Ok(())
-            },
-            &mut |s| match s {
-                None => argmax(m.borrow_mut().forward(&x, 0)?),
-                Some((t, i)) => argmax(
-                    m.borrow_mut()
-                        .forward(&Tensor::new(&[[t]], &dev)?, args.prompt + i)?,
-                ),
-            },
-        )?;
-        // f32 weights: attention, shared experts, routers, lm_head, and the
-        // top-k of the experts
-        let per_layer = 4 * h * h + 3 * h * shared + h + e * h + k * 3 * moe_i * h;
-        let bytes = 4 * (args.layers * per_layer + vocab * h);
-        rows.push(row("candle-transformers qwen2_moe", "f32", best, bytes));
-    }
-
-    for name in &args.variants {
-        let (dt, edt, q, qd) = variant(name)?;
-        let opts = LoadOptions {
-            expert_dtype: edt,
-            quant: q.map(QuantScheme::on_load).transpose()?,
-            quant_dense: qd.map(QuantScheme::on_load).transpose()?,
-            ..Default::default()
-        };
-        let m = QwenMoeForCausalLM::new_with_options(&ck.config, ck.var_builder(dt, &dev)?, &opts)?;
-        let s = std::cell::RefCell::new(Session::new(&m, 1, args.prompt + args.gen + 1)?);
-        let best = time_runs(
-            args.runs,
-            args.gen,
-            &mut || {
-                s.borrow_mut().reset();
-                Ok(())
-            },
-            &mut |x| {
-                let l = match x {
-                    None => s.borrow_mut().step(&[&prompt], Logits::Last)?,
-                    Some((t, _)) => s.borrow_mut().step(&[&[t]], Logits::Last)?,
-                };
-                Ok(l.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
-            },
-        )?;
-        rows.push(row("candle-moe", name, best, m.decode_bytes_per_token()));
-    }
-
-    let base = rows
-        .iter()
-        .find(|r| r["model"] == "candle-transformers qwen2_moe")
-        .map(|r| (r["prompt_tok_s"].as_f64(), r["gen_tok_s"].as_f64()));
-    if let Some((Some(bp), Some(bg))) = base {
-        for r in rows.iter_mut() {
-            let (p, g) = (r["prompt_tok_s"].as_f64(), r["gen_tok_s"].as_f64());
-            if let (Some(p), Some(g)) = (p, g) {
-                r["prompt_vs_candle"] = serde_json::json!(p / bp);
-                r["gen_vs_candle"] = serde_json::json!(g / bg);
-            }
+    let mut rounds = vec![];
+    for round in 0..args.rounds.max(1) {
+        if args.rounds > 1 {
+            eprintln!("round {} of {}", round + 1, args.rounds);
         }
+        let mut rows: Vec<serde_json::Value> = vec![];
+        if !args.no_candle {
+            let (best, bytes) = candle_run(&args, &dir, &prompt)?;
+            rows.push(row("candle-transformers qwen2_moe", "f32", best, bytes));
+        }
+        for name in &args.variants {
+            let (best, bytes) = ours_run(&args, &ck, name, &prompt)?;
+            rows.push(row("candle-moe", name, best, bytes));
+        }
+        add_ratios(&mut rows);
+        rounds.push(rows);
     }
+    let rows = medians(&rounds);
     println!(
-        "{} layers, prompt {} tokens, {} generated (best of {}); read GB/s probed after each row",
-        args.layers, args.prompt, args.gen, args.runs
+        "{} layers, prompt {} tokens, {} generated (best of {}, median of {} round(s)); read GB/s probed after each row",
+        args.layers, args.prompt, args.gen, args.runs, args.rounds.max(1)
     );
     println!(
         "{:<30} {:<14} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>6}",
