@@ -293,7 +293,8 @@ fn add_ratios(rows: &mut [serde_json::Value]) {
 }
 
 /// The rounds' rows (same order in each) as one row per model: every
-/// figure the median over the rounds, with `rounds` the count.
+/// figure the median over the rounds, with `rounds` the count and, from two
+/// rounds, each figure's per-round values under `<figure>_rounds`.
 fn medians(rounds: &[Vec<serde_json::Value>]) -> Vec<serde_json::Value> {
     let Some(first) = rounds.first() else {
         return vec![];
@@ -321,6 +322,10 @@ fn medians(rounds: &[Vec<serde_json::Value>]) -> Vec<serde_json::Value> {
                 (v[n / 2 - 1] + v[n / 2]) / 2.0
             };
             row[key] = serde_json::json!(m);
+            if rounds.len() > 1 {
+                let each: Vec<f64> = rounds.iter().filter_map(|r| r[i][key].as_f64()).collect();
+                row[format!("{key}_rounds")] = serde_json::json!(each);
+            }
         }
         row["rounds"] = serde_json::json!(rounds.len());
     }
