@@ -310,10 +310,11 @@ fn medians(rounds: &[Vec<serde_json::Value>]) -> Vec<serde_json::Value> {
     let mut out = first.clone();
     for (i, row) in out.iter_mut().enumerate() {
         for key in keys {
-            let mut v: Vec<f64> = rounds.iter().filter_map(|r| r[i][key].as_f64()).collect();
-            if v.is_empty() {
+            let each: Vec<f64> = rounds.iter().filter_map(|r| r[i][key].as_f64()).collect();
+            if each.is_empty() {
                 continue;
             }
+            let mut v = each.clone();
             v.sort_by(f64::total_cmp);
             let n = v.len();
             let m = if n % 2 == 1 {
@@ -323,7 +324,6 @@ fn medians(rounds: &[Vec<serde_json::Value>]) -> Vec<serde_json::Value> {
             };
             row[key] = serde_json::json!(m);
             if rounds.len() > 1 {
-                let each: Vec<f64> = rounds.iter().filter_map(|r| r[i][key].as_f64()).collect();
                 row[format!("{key}_rounds")] = serde_json::json!(each);
             }
         }
