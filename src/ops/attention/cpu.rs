@@ -86,31 +86,53 @@ impl<C: CacheElem> Attn<'_, C> {
         let (heads, kvh, d) = self.dims;
         let rep = heads / kvh;
         let mut out = vec![0f32; self.m.slots.len() * heads * d];
-        // one task per (token, kv head): its `rep` query heads, contiguous in `out`
-        out.par_chunks_mut(rep * d)
-            .enumerate()
-            .for_each(|(i, o)| match simd {
-                Simd::Baseline => task(self, i, o),
+        // one task per (token, kv head): its `rep` query heads, contiguous in
+        // `out`; the scratch is per rayon job, not per task
+        out.par_chunks_mut(rep * d).enumerate().for_each_init(
+            || Scratch::new(rep, self.m.block_size, d),
+            |sc, (i, o)| match simd {
+                Simd::Baseline => task::<C, false>(self, i, o, sc),
                 // SAFETY: the caller guarantees the features
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx2 => unsafe { task_avx2(self, i, o) },
+                Simd::Avx2 => unsafe { task_avx2(self, i, o, sc) },
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx512 => unsafe { task_avx512(self, i, o) },
-            });
+                Simd::Avx512 => unsafe { task_avx512(self, i, o, sc) },
+            },
+        );
         out
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
-    task(a, i, o)
+unsafe fn task_avx2<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32], sc: &mut Scratch) {
+    task::<C, true>(a, i, o, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn task_avx512<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
-    task(a, i, o)
+unsafe fn task_avx512<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32], sc: &mut Scratch) {
+    task::<C, true>(a, i, o, sc)
+}
+
+/// A task's running max, denominator and scores per query head, and one
+/// widened cache row.
+struct Scratch {
+    mx: Vec<f32>,
+    den: Vec<f32>,
+    s: Vec<f32>,
+    row: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(rep: usize, bs: usize, d: usize) -> Self {
+        Self {
+            mx: vec![0.0; rep],
+            den: vec![0.0; rep],
+            s: vec![0.0; rep * bs],
+            row: vec![0.0; d],
+        }
+    }
 }
 
 /// Cached positions ahead whose keys a task prefetches.
@@ -159,9 +181,9 @@ fn sum(x: &[f32]) -> f32 {
 }
 
 /// Task `i` (token `i / kvh`, KV head `i % kvh`): its query heads' outputs
-/// into `o` (`rep · d`).
+/// into `o` (`rep · d`). `FMA`: compiled with FMA ([`fast_exp`]).
 #[inline(always)]
-fn task<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
+fn task<C: CacheElem, const FMA: bool>(a: &Attn<'_, C>, i: usize, o: &mut [f32], sc: &mut Scratch) {
     let (heads, kvh, d) = a.dims;
     let (m, rep) = (a.m, heads / kvh);
     let bs = m.block_size;
@@ -170,10 +192,9 @@ fn task<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
     let ctx = m.token_pos[ti] as usize + 1;
     let table = &m.tables[m.table_off[seq]..m.table_off[seq + 1]];
     let qs = &a.q[(ti * heads + g * rep) * d..(ti * heads + (g + 1) * rep) * d];
-    let mut mx = vec![f32::NEG_INFINITY; rep];
-    let mut den = vec![0f32; rep];
-    let mut s = vec![0f32; rep * bs];
-    let mut row = vec![0f32; d];
+    let Scratch { mx, den, s, row } = sc;
+    mx.fill(f32::NEG_INFINITY);
+    den.fill(0.0);
     for (bi, &blk) in table.iter().enumerate() {
         let p0 = bi * bs;
         if p0 >= ctx {
@@ -192,9 +213,9 @@ fn task<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
                 prefetch_row(a.kc, (slot * kvh + g) * d, d);
             }
             prefetch_row(a.vc, off, d);
-            C::widen(&a.kc[off..off + d], &mut row);
+            C::widen(&a.kc[off..off + d], row);
             for r in 0..rep {
-                s[r * bs + j] = dot(&qs[r * d..(r + 1) * d], &row) * a.scale;
+                s[r * bs + j] = dot(&qs[r * d..(r + 1) * d], row) * a.scale;
             }
         }
         for r in 0..rep {
@@ -208,17 +229,17 @@ fn task<C: CacheElem>(a: &Attn<'_, C>, i: usize, o: &mut [f32]) {
                 o[r * d..(r + 1) * d].iter_mut().for_each(|x| *x *= corr);
             }
             mx[r] = new;
-            sr.iter_mut().for_each(|x| *x = fast_exp(*x - new));
+            sr.iter_mut().for_each(|x| *x = fast_exp::<FMA>(*x - new));
             den[r] += sum(sr);
         }
         for j in 0..n {
             let off = ((slot0 + j) * kvh + g) * d;
-            C::widen(&a.vc[off..off + d], &mut row);
+            C::widen(&a.vc[off..off + d], row);
             for r in 0..rep {
                 let p = s[r * bs + j];
                 o[r * d..(r + 1) * d]
                     .iter_mut()
-                    .zip(&row)
+                    .zip(row.iter())
                     .for_each(|(x, v)| *x += p * v);
             }
         }
