@@ -29,8 +29,8 @@ pub struct ExpertApplyArgs<'a> {
     pub expert_tokens_meta: Option<&'a ExpertTokensMetadata>,
 }
 
-/// What `apply` returns: the expert output (shape per
-/// [`Experts::finalize_weight_and_reduce`]) and the token counts it used.
+/// What `apply` returns: the expert output (`[T, k, H]`, unweighted: see
+/// [`Experts::apply`]) and the token counts it used.
 pub struct ExpertsOutput {
     pub output: Tensor,
     pub expert_tokens_meta: Option<ExpertTokensMetadata>,

@@ -15,7 +15,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 /// A linear layer whose weight stays in its stored format (f32 / bf16 /
-/// f16, FP8, MXFP4) and runs through [`crate::ops::linear`].
+/// f16, FP8, MXFP4) and runs through [`crate::ops::linear()`].
 #[derive(Clone, Debug)]
 pub struct QLinear {
     /// `[out, in]`, or packed bytes `[out, in]` (FP8) / `[out, in/2]` (MXFP4).

@@ -1,4 +1,4 @@
-//! Grouped expert GEMM over the blocks of [`moe_align_block_size`]:
+//! Grouped expert GEMM over the blocks of [`super::moe_align_block_size`]:
 //! `out[s, :] = A[s / row_div, :] · W[expert(s)]ᵀ (+ bias[expert]) (· weight[s])`
 //! for every valid sorted row `s`. Rows of non-local experts (-1 blocks) stay 0.
 //!
