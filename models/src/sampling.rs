@@ -75,15 +75,6 @@ impl Sampler {
         &self.params
     }
 
-    /// Samples from a `[V]` logits tensor; a greedy sampler takes the argmax
-    /// where the logits are, without copying the vocabulary to the host.
-    pub fn sample_tensor(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {
-        if self.is_greedy() {
-            return Ok(logits.argmax(0)?.to_scalar::<u32>()?);
-        }
-        Ok(self.sample(&logits.to_vec1::<f32>()?, context))
-    }
-
     /// `context`: the tokens so far (prompt and generated), for the repeat penalty.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
         self.sample_seq(logits, context, context.len())

@@ -31,11 +31,6 @@ impl HfTokenizer {
         })
     }
 
-    /// The id of a token (special tokens included), if the vocabulary has it.
-    pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
     fn err(&self, e: impl std::fmt::Display) -> ModelError {
         ModelError::File {
             path: self.path.clone(),
